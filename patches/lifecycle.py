@@ -1,0 +1,113 @@
+"""Request lifecycle hooks: bind batches to the sampler, validate requests, free groups,
+report per-request stats in `meta_info["esamp"]` and bank stats in `/server_info`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from . import request_params
+from .sampler_backend import ESampBackend
+from .server_args import BACKEND
+
+logger = logging.getLogger(__name__)
+META_KEY = "esamp"
+
+
+def _sampler() -> Optional[ESampBackend]:
+    return ESampBackend.instances[-1] if ESampBackend.instances else None
+
+
+def _server_is_esamp() -> bool:
+    from sglang.srt.runtime_context import get_exec
+
+    return get_exec().kernel.sampling_backend == BACKEND
+
+
+# -- scheduler process: the step being sampled ----------------------------------------------
+def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **kwargs):
+    sampler = model_runner.sampler
+    if not isinstance(sampler, ESampBackend):
+        return original(model_runner, logits_output, forward_batch, *args, **kwargs)
+    sampler.model_runner, sampler.forward_batch = model_runner, forward_batch
+    try:
+        return original(model_runner, logits_output, forward_batch, *args, **kwargs)
+    finally:
+        sampler.forward_batch = None
+
+
+def _remember_reqs(forward_batch, _cls, batch, *args, **kwargs):
+    # ForwardBatch carries rids only; ESamp needs each row's request (params, finish state).
+    if _sampler() is not None and getattr(batch, "reqs", None) is not None:
+        forward_batch._esamp_reqs = list(batch.reqs)
+    return forward_batch
+
+
+# -- tokenizer process: request validation and grouping ------------------------------------------
+def _verify(_result, sampling_params, *args, **kwargs):
+    request_params.validate(sampling_params.custom_params, _server_is_esamp())
+    if _server_is_esamp() and sampling_params.top_k > 1:
+        # Stamped once per prompt before n > 1 expansion: the n samples share one group.
+        sampling_params.custom_params = request_params.with_group(sampling_params.custom_params)
+
+
+def _unwrap_meta(_result, _manager, meta_info, *args, **kwargs):
+    value = meta_info.get(META_KEY)
+    if isinstance(value, list) and len(value) == 1:  # request-level customized_info arrives as a list
+        meta_info[META_KEY] = value[0]
+
+
+# -- scheduler process: request end -------------------------------------------------------------
+def _stream_output(original, streamer, reqs, *args, **kwargs):
+    sampler = _sampler()
+    if sampler is not None:
+        for req in reqs:
+            if req.finished() and not req.finished_output:
+                stats = sampler.finish(req.rid)
+                if stats is not None:
+                    req.customized_info = {**(req.customized_info or {}), META_KEY: [stats]}
+    return original(streamer, reqs, *args, **kwargs)
+
+
+def _request_level_key(original, streamer, key):
+    return key == META_KEY or original(streamer, key)
+
+
+def _abort_queued(_result, _scheduler, _abort_req, req, *args, **kwargs):
+    sampler = _sampler()
+    if sampler is not None and req is not None:
+        sampler.finish(req.rid)
+
+
+def _internal_state(result, *args, **kwargs):
+    sampler = _sampler()
+    if sampler is not None:
+        result.internal_state[META_KEY] = sampler.server_stats()
+    return result
+
+
+HOOKS = [
+    ("sglang.srt.model_executor.model_runner.ModelRunner.sample", _bind_batch, HookType.AROUND),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _remember_reqs, HookType.AFTER),
+    ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify, HookType.AFTER),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
+    ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output", _stream_output, HookType.AROUND),
+    (
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key",
+        _request_level_key,
+        HookType.AROUND,
+    ),
+    ("sglang.srt.managers.scheduler.Scheduler.send_abort_output", _abort_queued, HookType.AFTER),
+    (
+        "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",
+        _internal_state,
+        HookType.AFTER,
+    ),
+]
+
+
+def register() -> None:
+    for target, hook, kind in HOOKS:
+        HookRegistry.register(target, hook, kind)

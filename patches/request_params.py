@@ -1,0 +1,61 @@
+"""Per-request ESamp settings, carried in SGLang's `custom_params`.
+
+    {"custom_params": {"sampling": "esamp" | "plain", "beta": 0.7, "group_id": "..."}}
+
+On a server started with `--sampler esamp`, every sampled (temperature > 0) request
+uses ESamp unless it says `"sampling": "plain"`; `beta` overrides the server's. Rows
+sharing a `group_id` share one Distiller; requests without one get a fresh id here,
+before `n > 1` expansion, so the n samples of one request form one group.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from sgl_esamp import check_beta
+
+SAMPLING_KEY, BETA_KEY, GROUP_KEY = "sampling", "beta", "group_id"
+SAMPLING_CHOICES = ("esamp", "plain")
+MAX_GROUP_ID_LEN = 256
+START_HINT = "start the server with `python -m sglang.launch_server ... --sampler esamp`"
+
+
+@dataclass(frozen=True)
+class RequestESamp:
+    enabled: bool
+    beta: Optional[float]  # None: the server's beta
+    group: Optional[str]
+
+
+def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
+    """Raise ValueError naming the field and its allowed values (SGLang answers 400)."""
+    params = custom_params or {}
+    sampling = params.get(SAMPLING_KEY)
+    if sampling is not None and sampling not in SAMPLING_CHOICES:
+        raise ValueError(f"custom_params.{SAMPLING_KEY}={sampling!r} is invalid: allowed 'esamp' or 'plain'")
+    if BETA_KEY in params:
+        check_beta(params[BETA_KEY], field=f"custom_params.{BETA_KEY}")
+    group = params.get(GROUP_KEY)
+    if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
+        raise ValueError(
+            f"custom_params.{GROUP_KEY}={group!r} is invalid: allowed a string of 1 to {MAX_GROUP_ID_LEN} characters"
+        )
+    if not server_is_esamp and (sampling == "esamp" or BETA_KEY in params):
+        raise ValueError(f"custom_params.{SAMPLING_KEY}='esamp' needs an ESamp server: {START_HINT}")
+
+
+def with_group(custom_params: Optional[dict]) -> dict:
+    """A copy of custom_params with a group id (fresh unless the client gave one)."""
+    params = dict(custom_params or {})
+    params.setdefault(GROUP_KEY, uuid.uuid4().hex)
+    return params
+
+
+def resolve(custom_params: Optional[dict], sampled: bool) -> RequestESamp:
+    """Whether a request's rows use ESamp (validated params assumed)."""
+    params = custom_params or {}
+    enabled = sampled and params.get(SAMPLING_KEY, "esamp") == "esamp"
+    beta = params.get(BETA_KEY)
+    return RequestESamp(enabled, None if beta is None else float(beta), params.get(GROUP_KEY))

@@ -1,0 +1,221 @@
+"""The `esamp` sampling backend: ESamp rows through sgl_esamp, every other row stock.
+
+SGLang builds the sampler before the model is loaded and calls it without the batch,
+so an AROUND hook on `ModelRunner.sample` binds (model runner, forward batch) for the
+call, and the ESamp state is created on first use from the loaded model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from sglang.srt.layers.sampler import Sampler, multinomial_with_seed
+from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
+
+from sgl_esamp import ESampSampler
+
+from . import request_params
+from .server_args import esamp_config
+
+RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
+
+
+@dataclass
+class StepPlan:
+    rows: list[int]  # batch rows sampled with ESamp
+    token_rows: list[int]  # matching rows of the captured hidden states
+    slots: list[int]
+    betas: list[float]
+
+
+def _plain_backend() -> str:
+    if torch.cuda.is_available():
+        try:
+            import flashinfer.sampling  # noqa: F401
+
+            return "flashinfer"
+        except ImportError:
+            pass
+    return "pytorch"
+
+
+def request_esamp(req: Any) -> request_params.RequestESamp:
+    """Per-request decision, computed once (greedy requests have top_k == 1 after normalize)."""
+    cached = getattr(req, "_esamp", None)
+    if cached is None:
+        sp = req.sampling_params
+        sampled = sp.top_k > 1 and (sp.max_new_tokens is None or sp.max_new_tokens > 0)
+        cached = req._esamp = request_params.resolve(sp.custom_params, sampled)
+    return cached
+
+
+def _seeded_draw(sampling_info: Any, rows: torch.Tensor, positions: torch.Tensor, vocab: int):
+    """Deterministic inference: draw exactly as SGLang's seeded sampler would from these weights.
+
+    SGLang hashes (seed, position, column) where the column is the vocabulary id when no
+    row of the batch filters (top-k/top-p/min-p) and the sorted rank otherwise; we follow
+    it, so beta = 0 reproduces plain seeded sampling token for token.
+    """
+    seeds, pos = sampling_info.sampling_seed.index_select(0, rows), positions.index_select(0, rows)
+    by_vocab_id = not (
+        sampling_info.need_top_p_sampling or sampling_info.need_top_k_sampling or sampling_info.need_min_p_sampling
+    )
+
+    def draw(weights: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        if by_vocab_id:
+            probs = torch.zeros(weights.shape[0], vocab, device=weights.device).scatter_(1, token_ids, weights)
+            return multinomial_with_seed(torch.log(probs), seeds, pos).view(-1)
+        rank = multinomial_with_seed(weights.double().log(), seeds, pos).view(-1, 1)
+        return token_ids.gather(1, rank).view(-1)
+
+    return draw
+
+
+class ESampBackend(Sampler):
+    """Registered as sampling backend "esamp"; one per scheduler (TP rank)."""
+
+    instances: list["ESampBackend"] = []  # the lifecycle hooks report through these
+
+    def __init__(self) -> None:
+        super().__init__()
+        if get_parallel().tp_size > 1:
+            raise NotImplementedError("--sampler esamp supports tensor parallel size 1 only")
+        self.config = esamp_config(get_server_args())
+        self.plain_backend = _plain_backend()
+        self.engine: Optional[ESampSampler] = None
+        self.model_runner: Any = None
+        self.forward_batch: Any = None
+        self.preprocessed = False
+        self.member_group: dict[str, str] = {}
+        self.member_tokens: dict[str, Counter] = {}
+        self.released: OrderedDict[str, None] = OrderedDict()
+        self.fallback_tokens = 0
+        ESampBackend.instances.append(self)
+
+    # -- wiring ----------------------------------------------------------------------------
+    def _engine(self) -> ESampSampler:
+        if self.engine is None:
+            model = self.model_runner.model
+            vocab = self.model_runner.model_config.vocab_size
+            layers = model.model.layers
+            mlp = layers[-1].mlp
+            gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            self.engine = ESampSampler(
+                self.config,
+                model.lm_head.weight[:vocab],  # padded to a multiple of 64 in SGLang
+                norm_weight=model.model.norm.weight,
+                last_mlp=(gate, up, mlp.down_proj.weight) if self.config.init == "svd" else None,
+            )
+        return self.engine
+
+    def _plan(self, logits_output: Any) -> Optional[StepPlan]:
+        batch = self.forward_batch
+        reqs = getattr(batch, "_esamp_reqs", None) if batch is not None else None
+        if not reqs:
+            return None
+        wanted = [
+            i for i, req in enumerate(reqs)
+            if request_esamp(req).enabled and not req.finished() and req.rid not in self.released
+        ]
+        if not wanted:
+            return None
+        if logits_output.hidden_states is None or logits_output.last_hidden_states is None:
+            self.fallback_tokens += len(wanted)
+            return None
+        if batch.forward_mode.is_extend():  # hidden states cover every prompt token
+            ends, total = [], 0
+            for length in batch.extend_seq_lens_cpu:
+                total += length
+                ends.append(total - 1)
+        else:
+            ends = range(len(reqs))
+        engine = self._engine()
+        groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in wanted]
+        slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, wanted)])
+        plan = StepPlan([], [], [], [])
+        for i, group, slot in zip(wanted, groups, slots):
+            rid = reqs[i].rid
+            counts = self.member_tokens.setdefault(rid, Counter())
+            if slot is None:
+                counts["fallback_tokens"] += 1
+                self.fallback_tokens += 1
+                continue
+            self.member_group[rid] = group
+            counts["esamp_tokens"] += 1
+            beta = request_esamp(reqs[i]).beta
+            plan.rows.append(i)
+            plan.token_rows.append(ends[i])
+            plan.slots.append(slot)
+            plan.betas.append(self.config.beta if beta is None else beta)
+        return plan if plan.rows else None
+
+    # -- SGLang's Sampler interface -----------------------------------------------------------
+    def _preprocess_logits(self, logits: torch.Tensor, sampling_info: Any) -> torch.Tensor:
+        return logits if self.preprocessed else super()._preprocess_logits(logits, sampling_info)
+
+    def _sample_from_probs(self, probs, sampling_info, positions, simple_sampling_case):
+        # Stock rows are sampled exactly as a server on the plain backend would.
+        with get_exec().kernel.override(sampling_backend=self.plain_backend):
+            return super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
+
+    def forward(self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions, **kwargs):
+        args = (logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions)
+        plan = None if sampling_info.is_all_greedy else self._plan(logits_output)
+        if plan is None:
+            return super().forward(*args, **kwargs)
+        logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
+        device = logits.device
+        rows = torch.tensor(plan.rows, device=device)
+        token_rows = torch.tensor(plan.token_rows, device=device)
+        esamp_logits = logits.index_select(0, rows)  # the stock path below edits logits in place
+        shallow = logits_output.hidden_states.index_select(0, token_rows)
+        deep = logits_output.last_hidden_states.index_select(0, token_rows)
+        self.preprocessed = True
+        try:
+            tokens = super().forward(*args, **kwargs)
+        finally:
+            self.preprocessed = False
+
+        draw_tokens = None
+        if sampling_info.sampling_seed is not None:
+            draw_tokens = _seeded_draw(sampling_info, rows, positions, logits.shape[1])
+        esamp_tokens = self.engine.sample(
+            esamp_logits,
+            shallow,
+            deep,
+            torch.tensor(plan.slots, device=device),
+            torch.tensor(plan.betas, device=device),
+            sampling_info.temperatures.view(-1).index_select(0, rows),
+            sampling_info.top_ks.index_select(0, rows),
+            sampling_info.top_ps.index_select(0, rows),
+            sampling_info.min_ps.index_select(0, rows),
+            draw_tokens=draw_tokens,
+        )
+        tokens[rows] = esamp_tokens.to(tokens.dtype)
+        return tokens
+
+    # -- lifecycle and observability ---------------------------------------------------------------
+    def finish(self, rid: str) -> Optional[dict]:
+        """A request ended (finished or aborted): its stats, and its group slot freed if it was the last."""
+        self.released[rid] = None
+        if len(self.released) > RELEASED_MEMORY:
+            self.released.popitem(last=False)
+        group = self.member_group.pop(rid, None)
+        counts = self.member_tokens.pop(rid, Counter())
+        if group is None or self.engine is None:
+            return {"enabled": False, **counts} if counts else None
+        stats = self.engine.group_stats(group) or {}
+        self.engine.release(group, rid)
+        return {"enabled": True, "group_id": group, **stats, **counts}
+
+    def server_stats(self) -> dict:
+        bank = self.engine.stats() if self.engine is not None else {"slots_total": self.config.num_slots, "slots_used": 0}
+        return {
+            **bank,
+            "active_members": len(self.member_group),
+            "fallback_tokens": self.fallback_tokens,
+            "config": dict(self.config.__dict__),
+        }

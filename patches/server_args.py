@@ -1,0 +1,104 @@
+"""Server options: `--sampler` alias, `--esamp-*` knobs, and what `esamp` switches on.
+
+`--sampler esamp` / `--sampling-backend esamp` must survive SGLang's platform steps
+(CPU and deterministic inference force `pytorch`), and must turn on the capture of
+the two hidden states ESamp reads: SGLang's EAGLE3 aux capture gives the source
+layer's block output in `hidden_states` and, in FULL mode, the final post-norm state
+in `last_hidden_states`, without loading a draft model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sgl_esamp import ESampConfig, ESampConfigError
+
+BACKEND = "esamp"
+CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into subprocesses
+
+# --flag -> (ESampConfig field, type, help)
+OPTIONS = {
+    "--esamp-beta": ("beta", float, "exploration strength, 0 = plain sampling (default 0.5; range [0, 10])"),
+    "--esamp-source-layer": ("source_layer", int, "shallow decoder layer whose output feeds the Distiller (default: a quarter of the depth)"),
+    "--esamp-rank": ("rank", int, "Distiller rank r (default 64)"),
+    "--esamp-lr": ("lr", float, "Distiller learning rate (default 1e-3)"),
+    "--esamp-slots": ("num_slots", int, "concurrent request groups with their own Distiller (default 64)"),
+    "--esamp-init": ("init", str, "Distiller initialisation: zero or svd (default zero)"),
+    "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
+}
+
+
+def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:
+    from sglang.srt.arg_groups.choices import SAMPLING_BACKEND_CHOICES
+
+    parser.add_argument(
+        "--sampler",
+        dest="sampling_backend",
+        choices=sorted(SAMPLING_BACKEND_CHOICES),
+        default=argparse.SUPPRESS,
+        help="alias of --sampling-backend; `--sampler esamp` turns on Exploratory Sampling",
+    )
+    group = parser.add_argument_group("ESamp (sgl-esamp)")
+    for flag, (_field, kind, help_text) in OPTIONS.items():
+        group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _from_cli_args(server_args: Any, _cls: Any, args: argparse.Namespace) -> None:
+    given = {field: getattr(args, flag[2:].replace("-", "_"), None) for flag, (field, _, _) in OPTIONS.items()}
+    try:
+        config = ESampConfig(**{k: v for k, v in given.items() if v is not None})
+    except ESampConfigError as err:
+        flag = next(f for f, (field, _, _) in OPTIONS.items() if field == err.field)
+        sys.exit(f"error: argument {flag}: {err}")
+    setattr(server_args, CONFIG_ATTR, config.__dict__.copy())
+
+
+def esamp_config(server_args: Any) -> ESampConfig:
+    return ESampConfig(**(getattr(server_args, CONFIG_ATTR, None) or {}))
+
+
+def _num_hidden_layers(server_args: Any) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(server_args.model_path, trust_remote_code=server_args.trust_remote_code)
+    config = getattr(config, "text_config", config)
+    return int(config.num_hidden_layers)
+
+
+def _keep_esamp(step: str) -> None:
+    @register_resolution_hook(step)
+    def keep(server_args: Any, previous: Any) -> None:
+        wanted = server_args.sampling_backend
+        previous(server_args)
+        if wanted == BACKEND:
+            declare_resolution(server_args, f"esamp:keep_backend:{step}", sampling_backend=BACKEND)
+
+
+def _capture_hidden_states(server_args: Any, previous: Any) -> None:
+    view = resolving_view(server_args)
+    if view.sampling_backend == BACKEND:
+        if view.enable_return_aux_hidden_states:
+            raise ValueError("--sampler esamp captures hidden states itself; drop --enable-return-aux-hidden-states")
+        layer = esamp_config(server_args).resolve_source_layer(_num_hidden_layers(server_args))
+        declare_resolution(
+            server_args,
+            "esamp:capture",
+            enable_return_aux_hidden_states=True,
+            speculative_algorithm="EAGLE3",
+            return_aux_hidden_state_layer_ids=[layer],
+        )
+    previous(server_args)
+
+
+def register() -> None:
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AFTER)
+    for step in ("handle_cpu_backends", "handle_deterministic_inference"):
+        _keep_esamp(step)
+    register_resolution_hook("handle_return_hidden_states_mode")(_capture_hidden_states)

@@ -1,0 +1,57 @@
+"""The candidate set: exactly what SGLang's own sampler keeps.
+
+Semantics and order follow `top_k_top_p_min_p_sampling_from_probs_torch` in
+sglang.srt.layers.sampler: probabilities p = softmax(z / T) sorted descending; the
+top-p test uses the cumulative mass *before* top-k zeroing (as SGLang does); then
+top-k zeroes ranks >= k, top-p zeroes ranks whose preceding mass exceeds p, and min-p
+zeroes what falls below min_p times the top probability. A candidate is a kept rank
+with non-zero weight.
+
+One addition: `max_candidates` (K) keeps only the K most probable ranks, which
+bounds the LM-head gather in fusion. SGLang's own `max_top_k` shortcut does the same
+when every row has top_k <= K, so the result is unchanged in that case.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SAMPLING_EPS = 1e-6  # SGLang treats temperature below this as greedy
+
+
+class Candidates(NamedTuple):
+    weights: torch.Tensor  # [N, K] plain-sampling probabilities, 0 outside the kept set
+    token_ids: torch.Tensor  # [N, K] int64 vocabulary ids of each rank
+
+
+def greedy_rows(temperatures: torch.Tensor) -> torch.Tensor:
+    return temperatures < SAMPLING_EPS
+
+
+def filter_candidates(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    max_candidates: int = 0,
+) -> Candidates:
+    """SGLang-equivalent kept set for logits [N, V]; temperature 0 rows keep only the argmax."""
+    greedy = greedy_rows(temperatures)
+    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).view(-1, 1)
+    top_ks = torch.where(greedy, torch.ones_like(top_ks), top_ks).view(-1, 1)
+    probs = torch.softmax(logits.float() / temps, dim=-1)
+    vocab = probs.shape[-1]
+    if 0 < max_candidates < vocab:
+        probs_sort, probs_idx = torch.topk(probs, k=max_candidates, dim=-1, sorted=True)
+    else:
+        probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    ranks = torch.arange(probs_sort.shape[-1], device=probs.device).view(1, -1)
+    probs_sort[ranks >= top_ks] = 0.0
+    probs_sort[(probs_sum - probs_sort) > top_ps.view(-1, 1)] = 0.0
+    min_p_thresholds = probs_sort[:, :1] * min_ps.view(-1, 1)
+    probs_sort[probs_sort < min_p_thresholds] = 0.0
+    return Candidates(probs_sort, probs_idx)

@@ -1,0 +1,104 @@
+"""ESamp configuration: every knob in one validated, immutable place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional
+
+import torch
+
+BETA_RANGE = (0.0, 10.0)
+RANK_RANGE = (1, 1024)
+LR_RANGE = (0.0, 1.0)
+SLOTS_RANGE = (1, 4096)
+MAX_CANDIDATES_RANGE = (0, 1 << 20)
+INITS = ("zero", "svd")
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ESampConfigError(ValueError):
+    """A bad ESamp setting; the message names the field, the value and the allowed range."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field = field
+        super().__init__(f"esamp {field}={value!r} is invalid: allowed {allowed}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_beta(value: Any, field: str = "beta") -> float:
+    """Validate an exploration strength; shared by the config and per-request overrides."""
+    lo, hi = BETA_RANGE
+    if not _is_real(value) or not math.isfinite(value) or not lo <= value <= hi:
+        raise ESampConfigError(field, value, f"a finite number in [{lo}, {hi}]")
+    return float(value)
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ESampConfigError(field, value, f"an integer in [{lo}, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class ESampConfig:
+    """Settings of one ESamp engine (one model, one bank of Distillers).
+
+    beta:            exploration strength; 0 reproduces plain sampling.
+    source_layer:    index of the shallow decoder layer whose block output feeds the
+                     Distiller; None lets the engine pick a quarter of the depth.
+    rank:            r, the Distiller's bottleneck width.
+    lr:              Adam learning rate of the online training step.
+    num_slots:       how many groups can hold a Distiller at once.
+    init:            "zero" (the residual branch starts at zero, so the first prediction
+                     is LN(x)) or "svd" (low-rank SVD of the model's last MLP).
+    state_dtype:     dtype of master weights and optimizer state ("float32" even for a
+                     bf16 model; "float64" exists for reference tests).
+    max_candidates:  fusion looks at most at this many most-probable tokens per row,
+                     bounding the W_head gather; 0 means no bound (the whole kept set).
+    seed:            seed of the Distiller's initial weights (shared by all slots).
+    """
+
+    beta: float = 0.5
+    source_layer: Optional[int] = None
+    rank: int = 64
+    lr: float = 1e-3
+    num_slots: int = 64
+    init: Literal["zero", "svd"] = "zero"
+    state_dtype: str = "float32"
+    max_candidates: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_beta(self.beta)
+        if self.source_layer is not None:
+            _check_int("source_layer", self.source_layer, 0, 1 << 16)
+        _check_int("rank", self.rank, *RANK_RANGE)
+        lo, hi = LR_RANGE
+        if not _is_real(self.lr) or not math.isfinite(self.lr) or not lo < self.lr <= hi:
+            raise ESampConfigError("lr", self.lr, f"a finite number in ({lo}, {hi}]")
+        _check_int("num_slots", self.num_slots, *SLOTS_RANGE)
+        if self.init not in INITS:
+            raise ESampConfigError("init", self.init, f"one of {', '.join(INITS)}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ESampConfigError("state_dtype", self.state_dtype, f"one of {', '.join(STATE_DTYPES)}")
+        _check_int("max_candidates", self.max_candidates, *MAX_CANDIDATES_RANGE)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype]
+
+    def resolve_source_layer(self, num_layers: int) -> int:
+        """The shallow layer for a model of `num_layers` decoder layers (must be below the last)."""
+        layer = self.source_layer if self.source_layer is not None else max(0, num_layers // 4 - 1)
+        if not 0 <= layer < num_layers - 1:
+            raise ESampConfigError("source_layer", layer, f"an integer in [0, {num_layers - 2}] for this model")
+        return layer
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,1 @@
+"""Triton kernels of ESamp; each has a torch reference in sgl_esamp/ that tests compare against."""

@@ -1,0 +1,98 @@
+"""Triton kernel for the fusion shift on candidates: β (z - W_head[c]·ŷ) / T.
+
+One program per (row, block of candidate ranks): it gathers only the LM-head rows of
+*kept* candidates (masked loads skip the rest), dots them with the row's prediction
+in fp32, and writes the shift (-inf off the kept set). The per-row max, exp and
+reweighting are three tiny elementwise ops on [N, K] left to torch. Reference:
+sgl_esamp.fusion.fuse_candidates_torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..candidates import Candidates, greedy_rows
+
+BLOCK_K = 16
+BLOCK_H = 128
+
+
+@triton.jit
+def _candidate_shift_kernel(
+    weights_ptr,
+    ids_ptr,
+    logits_ptr,
+    pred_ptr,
+    head_ptr,
+    betas_ptr,
+    temps_ptr,
+    out_ptr,
+    K,
+    H,
+    logits_stride,
+    head_stride,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    weights = tl.load(weights_ptr + row * K + offs_k, mask=in_k, other=0.0)
+    kept = weights > 0
+    ids = tl.load(ids_ptr + row * K + offs_k, mask=kept, other=0)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        in_h = offs_h < H
+        pred = tl.load(pred_ptr + row * H + offs_h, mask=in_h, other=0.0).to(tl.float32)
+        head = tl.load(
+            head_ptr + ids[:, None] * head_stride + offs_h[None, :],
+            mask=kept[:, None] & in_h[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(head * pred[None, :], axis=1)
+    z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
+    beta = tl.load(betas_ptr + row)
+    temp = tl.load(temps_ptr + row)
+    shift = beta * (z - acc) / temp
+    tl.store(out_ptr + row * K + offs_k, tl.where(kept, shift, float("-inf")), mask=in_k)
+
+
+def fuse_candidates_triton(
+    candidates: Candidates,
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    betas: torch.Tensor,
+    temperatures: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as fuse_candidates_torch."""
+    weights, token_ids = candidates
+    N, K = weights.shape
+    H = prediction.shape[-1]
+    temps = torch.where(greedy_rows(temperatures), torch.ones_like(temperatures), temperatures).float().contiguous()
+    weights = weights.contiguous()
+    shift = torch.empty(N, K, device=weights.device, dtype=torch.float32)
+    if lm_head_weight.stride(1) != 1 or logits.stride(1) != 1:
+        raise ValueError("fusion kernel needs row-major logits and LM-head weight")
+    grid = (N, triton.cdiv(K, BLOCK_K))
+    _candidate_shift_kernel[grid](
+        weights,
+        token_ids.contiguous(),
+        logits,
+        prediction.to(lm_head_weight.dtype).contiguous(),
+        lm_head_weight,
+        betas.float().contiguous(),
+        temps,
+        shift,
+        K,
+        H,
+        logits.stride(0),
+        lm_head_weight.stride(0),
+        BLOCK_K=BLOCK_K,
+        BLOCK_H=BLOCK_H,
+    )
+    shift = shift - shift.amax(dim=-1, keepdim=True)
+    return torch.where(weights > 0, weights * torch.exp(shift), 0.0)

@@ -1,0 +1,118 @@
+"""ESampSampler: one decode step of Exploratory Sampling for a batch of rows.
+
+Per step, for the rows that use ESamp:
+  1. predict ŷ = Distiller_slot(x) from the shallow state x (after the previous
+     training step has landed: a stream wait, not a host wait);
+  2. keep SGLang's candidate set of softmax(z / T) under top-k/top-p/min-p;
+  3. fuse on the candidates with d = W_head[c] · ŷ and draw the token;
+  4. queue one training step on the pairs (x, y) just seen (y: the final hidden state).
+All of it runs on device tensors indexed by slot, with no loop over rows or groups.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Optional, Sequence
+
+import torch
+
+from .bank import GroupBank
+from .candidates import filter_candidates
+from .config import ESampConfig
+from .distiller import DistillerBank, svd_init, zero_delta_init
+from .fusion import draw, fuse_candidates
+from .training import DistillerTrainer
+
+Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_ids) -> tokens
+
+
+class ESampSampler:
+    """The Distiller bank, its trainer and the group→slot table of one model."""
+
+    def __init__(
+        self,
+        config: ESampConfig,
+        lm_head_weight: torch.Tensor,
+        *,
+        norm_weight: Optional[torch.Tensor] = None,
+        last_mlp: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    ):
+        """lm_head_weight: [V, H]; norm_weight: the final norm's weight [H];
+        last_mlp: (gate [I, H], up [I, H], down [H, I]) weights, required for init="svd"."""
+        self.config = config
+        self.lm_head_weight = lm_head_weight
+        hidden = lm_head_weight.shape[1]
+        dtype = config.torch_state_dtype
+        if config.init == "svd":
+            if last_mlp is None:
+                raise ValueError("esamp init='svd' needs the model's last MLP weights")
+            init = svd_init(*last_mlp, config.rank, norm_weight=norm_weight, dtype=dtype)
+        else:
+            init = zero_delta_init(hidden, config.rank, seed=config.seed, norm_weight=norm_weight, dtype=dtype)
+        self.distillers = DistillerBank(init, config.num_slots, lm_head_weight.device, dtype)
+        self.trainer = DistillerTrainer(self.distillers, config.lr)
+        self.groups = GroupBank(config.num_slots)
+        self.generator = torch.Generator(lm_head_weight.device).manual_seed(config.seed)
+
+    # -- host side: which slot each row uses ------------------------------------------
+    def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
+        """Slots for (group, member) rows of this step; None means plain-sampling fallback."""
+        self.groups.begin_step()
+        slots = [self.groups.slot_for(group, member) for group, member in rows]
+        fresh = self.groups.take_fresh_slots()
+        if fresh:
+            self.trainer.reset_slots(torch.tensor(fresh, device=self.distillers.device))
+        return slots
+
+    def release(self, group: Hashable, member: Hashable) -> None:
+        self.groups.leave(group, member)
+
+    # -- device side: one step -----------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        slots: torch.Tensor,
+        betas: torch.Tensor,
+        temperatures: torch.Tensor,
+        top_ks: torch.Tensor,
+        top_ps: torch.Tensor,
+        min_ps: torch.Tensor,
+        draw_tokens: Optional[Draw] = None,
+    ) -> torch.Tensor:
+        """Tokens [N] for logits [N, V] (pre-temperature), shallow/deep hidden states [N, H].
+
+        Rows with slot < 0 are sampled plainly (β = 0) and not trained on.
+        `draw_tokens` replaces the multinomial draw (e.g. an engine's seeded sampler).
+        """
+        self.trainer.wait()
+        prediction = self.distillers.forward(shallow, slots)
+        betas = torch.where(slots >= 0, betas.float(), 0.0)
+        candidates = filter_candidates(logits, temperatures, top_ks, top_ps, min_ps, self.config.max_candidates)
+        weights = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures)
+        if draw_tokens is None:
+            tokens = draw(weights, candidates.token_ids, self.generator)
+        else:
+            tokens = draw_tokens(weights, candidates.token_ids)
+        self.trainer.step_async(shallow, deep, slots)
+        return tokens
+
+    # -- observability -----------------------------------------------------------------------
+    def group_stats(self, group: Hashable) -> Optional[dict]:
+        """Training statistics of a group's slot (waits for queued training: call off the hot path)."""
+        slot = self.groups.slot_of(group)
+        if slot is None:
+            return None
+        if self.trainer.done is not None:
+            self.trainer.done.synchronize()
+        steps = int(self.trainer.steps[slot])
+        return {
+            "slot": slot,
+            "train_steps": steps,
+            "last_loss": float(self.trainer.last_loss[slot]) if steps else None,
+            "mean_loss": float(self.trainer.loss_sum[slot]) / steps if steps else None,
+        }
+
+    def stats(self) -> dict:
+        return self.groups.occupancy()

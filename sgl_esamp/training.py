@@ -1,0 +1,119 @@
+"""Online training of the Distiller bank: one masked Adam step per decode step.
+
+Loss of a step (rows i with slot s_i ≥ 0, n_s rows in slot s):
+
+    L = Σ_s (1/n_s) Σ_{i: s_i = s} mean_h (ŷ_i - y_i)²
+
+Per-row MSE averaged within a slot and summed over slots, so every slot's gradient is
+exactly what it would be trained alone. Adam's moments and step count are per slot
+and only slots that had rows this step move: an idle slot keeps its weights and
+moments bit for bit (no momentum drift, no weight decay).
+
+On CUDA the step runs on a side stream: the decode stream records an event after the
+inputs are ready, the side stream waits for it, and the next prediction waits for the
+step's done event. Neither side ever blocks the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .distiller import DistillerBank
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+class DistillerTrainer:
+    """Masked per-slot Adam over a DistillerBank, plus per-slot training statistics."""
+
+    def __init__(self, bank: DistillerBank, lr: float):
+        self.bank = bank
+        self.lr = lr
+        S, dev = bank.num_slots, bank.device
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in bank.params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in bank.params.items()}
+        self.steps = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.last_loss = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.loss_sum = torch.zeros(S, dtype=torch.float64, device=dev)
+        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.done: Optional[torch.cuda.Event] = None
+
+    # -- slot lifecycle -------------------------------------------------------------
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        """Fresh parameters, optimizer state and statistics for reused slots."""
+        self.wait()
+        self.bank.reset_slots(slots)
+        for state in (self.exp_avg, self.exp_avg_sq):
+            for name, moment in state.items():
+                moment.index_fill_(self.bank.PARAM_SLOT_DIM[name], slots, 0)
+        for stat in (self.steps, self.last_loss, self.loss_sum):
+            stat.index_fill_(0, slots, 0)
+
+    # -- the step -------------------------------------------------------------------
+    def loss_per_slot(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, params=None):
+        """(total loss, per-slot loss [S], rows per slot [S]) for rows with slot >= 0."""
+        S = self.bank.num_slots
+        valid = (slots >= 0).to(self.bank.dtype)
+        slot = slots.clamp_min(0).long()
+        counts = torch.zeros(S, device=x.device, dtype=self.bank.dtype).index_add_(0, slot, valid)
+        pred = self.bank.forward(x, slots, params)
+        row_mse = (pred - y.to(self.bank.dtype)).square().mean(-1)
+        weight = valid / counts[slot].clamp_min(1)
+        per_slot = torch.zeros(S, device=x.device, dtype=self.bank.dtype).index_add_(0, slot, row_mse * weight)
+        return per_slot.sum(), per_slot, counts
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
+        """One optimizer step on the pairs (x_i, y_i) of slot slots[i] (rows with slot < 0 ignored)."""
+        params = {k: p.detach().requires_grad_(True) for k, p in self.bank.params.items()}
+        with torch.enable_grad():
+            loss, per_slot, counts = self.loss_per_slot(x, y, slots, params)
+            grads = torch.autograd.grad(loss, list(params.values()))
+        active = counts > 0
+        self.steps += active.long()
+        self._adam(dict(zip(params, grads)), active)
+        self.last_loss.copy_(torch.where(active, per_slot.float(), self.last_loss))
+        self.loss_sum += torch.where(active, per_slot.double(), 0.0)
+
+    @torch.no_grad()
+    def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+        b1, b2 = ADAM_BETAS
+        t = self.steps.clamp_min(1).to(self.bank.dtype)
+        bias1 = 1 - b1**t
+        bias2 = 1 - b2**t
+        for name, param in self.bank.params.items():
+            dim = self.bank.PARAM_SLOT_DIM[name]
+            view = [1] * param.dim()
+            view[dim] = -1
+            mask, c1, c2 = active.view(view), bias1.view(view), bias2.view(view)
+            grad, m, v = grads[name], self.exp_avg[name], self.exp_avg_sq[name]
+            m.copy_(torch.where(mask, b1 * m + (1 - b1) * grad, m))
+            v.copy_(torch.where(mask, b2 * v + (1 - b2) * grad * grad, v))
+            update = self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
+            param.sub_(torch.where(mask, update, 0))
+
+    # -- asynchronous use -------------------------------------------------------------
+    def step_async(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
+        """Queue a step behind the current stream's work; returns at once on CUDA.
+
+        The inputs are copied first, so the caller may overwrite its buffers right away.
+        """
+        if self.stream is None:
+            self.step(x, y, slots)
+            return
+        x, y, slots = x.detach().clone(), y.detach().clone(), slots.clone()
+        main = torch.cuda.current_stream(self.bank.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for t in (x, y, slots):
+                t.record_stream(self.stream)
+            self.step(x, y, slots)
+            self.done = torch.cuda.Event()
+            self.done.record(self.stream)
+
+    def wait(self) -> None:
+        """Make the current stream (not the host) wait for the last queued step."""
+        if self.done is not None:
+            torch.cuda.current_stream(self.bank.device).wait_event(self.done)
