@@ -12,15 +12,35 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from sglang.srt.layers.sampler import Sampler, multinomial_with_seed
+from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import ESampSampler
+from sgl_esamp import Candidates, ESampSampler, filter_probs
 
 from . import request_params
 from .server_args import esamp_config
 
 RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
+
+
+def _rows_of(sampling_info: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(temperatures, top_ks, top_ps, min_ps) of the given batch rows."""
+    return tuple(
+        t.view(-1).index_select(0, rows)
+        for t in (sampling_info.temperatures, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps)
+    )
+
+
+@dataclass
+class PendingRows:
+    """ESamp rows of the step being sampled, captured before SGLang's in-place edits."""
+
+    rows: torch.Tensor
+    logits: torch.Tensor
+    shallow: torch.Tensor
+    deep: torch.Tensor
+    slots: torch.Tensor
+    betas: torch.Tensor
 
 
 @dataclass
@@ -52,28 +72,6 @@ def request_esamp(req: Any) -> request_params.RequestESamp:
     return cached
 
 
-def _seeded_draw(sampling_info: Any, rows: torch.Tensor, positions: torch.Tensor, vocab: int):
-    """Deterministic inference: draw exactly as SGLang's seeded sampler would from these weights.
-
-    SGLang hashes (seed, position, column) where the column is the vocabulary id when no
-    row of the batch filters (top-k/top-p/min-p) and the sorted rank otherwise; we follow
-    it, so beta = 0 reproduces plain seeded sampling token for token.
-    """
-    seeds, pos = sampling_info.sampling_seed.index_select(0, rows), positions.index_select(0, rows)
-    by_vocab_id = not (
-        sampling_info.need_top_p_sampling or sampling_info.need_top_k_sampling or sampling_info.need_min_p_sampling
-    )
-
-    def draw(weights: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        if by_vocab_id:
-            probs = torch.zeros(weights.shape[0], vocab, device=weights.device).scatter_(1, token_ids, weights)
-            return multinomial_with_seed(torch.log(probs), seeds, pos).view(-1)
-        rank = multinomial_with_seed(weights.double().log(), seeds, pos).view(-1, 1)
-        return token_ids.gather(1, rank).view(-1)
-
-    return draw
-
-
 class ESampBackend(Sampler):
     """Registered as sampling backend "esamp"; one per scheduler (TP rank)."""
 
@@ -89,6 +87,7 @@ class ESampBackend(Sampler):
         self.model_runner: Any = None
         self.forward_batch: Any = None
         self.preprocessed = False
+        self.pending: Optional[PendingRows] = None
         self.member_group: dict[str, str] = {}
         self.member_tokens: dict[str, Counter] = {}
         self.released: OrderedDict[str, None] = OrderedDict()
@@ -111,8 +110,10 @@ class ESampBackend(Sampler):
             )
         return self.engine
 
-    def _plan(self, logits_output: Any) -> Optional[StepPlan]:
+    def _plan(self, logits_output: Any, sampling_info: Any) -> Optional[StepPlan]:
         batch = self.forward_batch
+        if sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
+            return None
         reqs = getattr(batch, "_esamp_reqs", None) if batch is not None else None
         if not reqs:
             return None
@@ -163,39 +164,70 @@ class ESampBackend(Sampler):
 
     def forward(self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions, **kwargs):
         args = (logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions)
-        plan = None if sampling_info.is_all_greedy else self._plan(logits_output)
+        plan = None if sampling_info.is_all_greedy else self._plan(logits_output, sampling_info)
         if plan is None:
             return super().forward(*args, **kwargs)
         logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
         device = logits.device
         rows = torch.tensor(plan.rows, device=device)
         token_rows = torch.tensor(plan.token_rows, device=device)
-        esamp_logits = logits.index_select(0, rows)  # the stock path below edits logits in place
-        shallow = logits_output.hidden_states.index_select(0, token_rows)
-        deep = logits_output.last_hidden_states.index_select(0, token_rows)
+        self.pending = PendingRows(
+            rows=rows,
+            logits=logits.index_select(0, rows),  # pre-temperature: the stock path edits logits in place
+            shallow=logits_output.hidden_states.index_select(0, token_rows),
+            deep=logits_output.last_hidden_states.index_select(0, token_rows),
+            slots=torch.tensor(plan.slots, device=device),
+            betas=torch.tensor(plan.betas, device=device),
+        )
         self.preprocessed = True
         try:
-            tokens = super().forward(*args, **kwargs)
+            return super().forward(*args, **kwargs)  # reaches _sample_from_probs below
         finally:
-            self.preprocessed = False
+            self.preprocessed, self.pending = False, None
 
-        draw_tokens = None
-        if sampling_info.sampling_seed is not None:
-            draw_tokens = _seeded_draw(sampling_info, rows, positions, logits.shape[1])
-        esamp_tokens = self.engine.sample(
-            esamp_logits,
-            shallow,
-            deep,
-            torch.tensor(plan.slots, device=device),
-            torch.tensor(plan.betas, device=device),
-            sampling_info.temperatures.view(-1).index_select(0, rows),
-            sampling_info.top_ks.index_select(0, rows),
-            sampling_info.top_ps.index_select(0, rows),
-            sampling_info.min_ps.index_select(0, rows),
-            draw_tokens=draw_tokens,
-        )
-        tokens[rows] = esamp_tokens.to(tokens.dtype)
-        return tokens
+    def _sample_from_probs(self, probs, sampling_info, positions, simple_sampling_case):
+        pending, self.pending = self.pending, None
+        if pending is not None and (self.plain_backend == "pytorch" or sampling_info.sampling_seed is not None):
+            return self._draw_jointly(pending, probs, sampling_info, positions, simple_sampling_case), None
+        # Stock rows are sampled exactly as a server on the plain backend would.
+        with get_exec().kernel.override(sampling_backend=self.plain_backend):
+            tokens, capture = super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
+        if pending is not None:  # flashinfer draws the stock rows; ESamp rows use their own generator
+            esamp_tokens = self.engine.sample(
+                pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas,
+                *_rows_of(sampling_info, pending.rows),
+            )
+            tokens[pending.rows] = esamp_tokens.to(tokens.dtype)
+        return tokens, capture
+
+    def _draw_jointly(self, pending: "PendingRows", probs, sampling_info, positions, simple: bool) -> torch.Tensor:
+        """One draw for the whole batch, as SGLang's torch sampler makes it, ESamp rows reweighted.
+
+        The kept set of every row is computed exactly as `top_k_top_p_min_p_sampling_from_probs_torch`
+        computes it (same sort or top-k width, same filters), the ESamp rows' weights are replaced by
+        their fused weights, and the same torch.multinomial (or seeded) call draws all rows: plain rows
+        and beta = 0 rows get the very tokens, random stream included, of a server without ESamp.
+        """
+        rows = pending.rows
+        temperatures, top_ks, top_ps, min_ps = _rows_of(sampling_info, rows)
+        if simple:  # SGLang draws over vocabulary order here
+            candidates = filter_probs(probs.index_select(0, rows), top_ks, top_ps, min_ps, self.config.max_candidates)
+            fused = self.engine.fuse(candidates, pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas, temperatures)
+            probs[rows] = torch.zeros_like(probs[rows]).scatter_(1, fused.token_ids, fused.weights.to(probs.dtype))
+            return sampling_from_probs_torch(probs, sampling_info.sampling_seed, positions)
+        vocab, max_top_k, seed = probs.shape[1], sampling_info.max_top_k, sampling_info.sampling_seed
+        width = max_top_k if (max_top_k is not None and max_top_k < vocab and seed is None) else 0
+        kept = filter_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps, width)
+        ours = Candidates(kept.weights.index_select(0, rows), kept.token_ids.index_select(0, rows))
+        fused = self.engine.fuse(ours, pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas, temperatures)
+        weights = torch.zeros_like(ours.weights)
+        weights[:, : fused.weights.shape[1]] = fused.weights
+        kept.weights[rows] = weights
+        if seed is None:
+            index = torch.multinomial(kept.weights, num_samples=1)
+        else:
+            index = multinomial_with_seed(kept.weights.to(torch.float64).log(), seed, positions)
+        return kept.token_ids.to(torch.int32).gather(1, index.view(-1, 1)).view(-1)
 
     # -- lifecycle and observability ---------------------------------------------------------------
     def finish(self, rid: str) -> Optional[dict]:

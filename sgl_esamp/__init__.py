@@ -6,7 +6,7 @@ in the `patches` package.
 """
 
 from .bank import GroupBank
-from .candidates import Candidates, filter_candidates
+from .candidates import Candidates, filter_candidates, filter_probs
 from .config import ESampConfig, ESampConfigError, check_beta
 from .distiller import DistillerBank, svd_init, zero_delta_init
 from .fusion import draw, fuse_candidates, fuse_candidates_torch
@@ -24,6 +24,7 @@ __all__ = [
     "check_beta",
     "draw",
     "filter_candidates",
+    "filter_probs",
     "fuse_candidates",
     "fuse_candidates_torch",
     "svd_init",

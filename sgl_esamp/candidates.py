@@ -41,8 +41,19 @@ def filter_candidates(
     """SGLang-equivalent kept set for logits [N, V]; temperature 0 rows keep only the argmax."""
     greedy = greedy_rows(temperatures)
     temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).view(-1, 1)
-    top_ks = torch.where(greedy, torch.ones_like(top_ks), top_ks).view(-1, 1)
+    top_ks = torch.where(greedy, torch.ones_like(top_ks), top_ks)
     probs = torch.softmax(logits.float() / temps, dim=-1)
+    return filter_probs(probs, top_ks, top_ps, min_ps, max_candidates)
+
+
+def filter_probs(
+    probs: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    max_candidates: int = 0,
+) -> Candidates:
+    """The kept set of probabilities [N, V] (already softmax(z / T)), ranks sorted descending."""
     vocab = probs.shape[-1]
     if 0 < max_candidates < vocab:
         probs_sort, probs_idx = torch.topk(probs, k=max_candidates, dim=-1, sorted=True)
@@ -50,7 +61,7 @@ def filter_candidates(
         probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     ranks = torch.arange(probs_sort.shape[-1], device=probs.device).view(1, -1)
-    probs_sort[ranks >= top_ks] = 0.0
+    probs_sort[ranks >= top_ks.view(-1, 1)] = 0.0
     probs_sort[(probs_sum - probs_sort) > top_ps.view(-1, 1)] = 0.0
     min_p_thresholds = probs_sort[:, :1] * min_ps.view(-1, 1)
     probs_sort[probs_sort < min_p_thresholds] = 0.0

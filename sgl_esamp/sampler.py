@@ -16,7 +16,7 @@ from typing import Callable, Hashable, Optional, Sequence
 import torch
 
 from .bank import GroupBank
-from .candidates import filter_candidates
+from .candidates import Candidates, filter_candidates
 from .config import ESampConfig
 from .distiller import DistillerBank, svd_init, zero_delta_init
 from .fusion import draw, fuse_candidates
@@ -68,6 +68,33 @@ class ESampSampler:
 
     # -- device side: one step -----------------------------------------------------------
     @torch.no_grad()
+    def fuse(
+        self,
+        candidates: Candidates,
+        logits: torch.Tensor,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        slots: torch.Tensor,
+        betas: torch.Tensor,
+        temperatures: torch.Tensor,
+    ) -> Candidates:
+        """Steps 1, 3 (without the draw) and 4 for rows whose kept set is already known.
+
+        logits [N, V] are pre-temperature; shallow/deep [N, H] are the source layer's
+        block output and the final hidden state of the same tokens. Rows with slot < 0
+        keep their plain weights (β = 0) and are not trained on. Returns the fused,
+        unnormalised weights over the candidates' ranks, limited to `max_candidates`.
+        """
+        cap = self.config.max_candidates
+        if 0 < cap < candidates.weights.shape[1]:
+            candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
+        self.trainer.wait()
+        prediction = self.distillers.forward(shallow, slots)
+        betas = torch.where(slots >= 0, betas.float(), 0.0)
+        weights = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures)
+        self.trainer.step_async(shallow, deep, slots)
+        return Candidates(weights, candidates.token_ids)
+
     def sample(
         self,
         logits: torch.Tensor,
@@ -81,22 +108,13 @@ class ESampSampler:
         min_ps: torch.Tensor,
         draw_tokens: Optional[Draw] = None,
     ) -> torch.Tensor:
-        """Tokens [N] for logits [N, V] (pre-temperature), shallow/deep hidden states [N, H].
-
-        Rows with slot < 0 are sampled plainly (β = 0) and not trained on.
-        `draw_tokens` replaces the multinomial draw (e.g. an engine's seeded sampler).
-        """
-        self.trainer.wait()
-        prediction = self.distillers.forward(shallow, slots)
-        betas = torch.where(slots >= 0, betas.float(), 0.0)
+        """Tokens [N]: SGLang's kept set, fused, drawn (by `draw_tokens` if given, else
+        multinomial with this sampler's own generator)."""
         candidates = filter_candidates(logits, temperatures, top_ks, top_ps, min_ps, self.config.max_candidates)
-        weights = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures)
-        if draw_tokens is None:
-            tokens = draw(weights, candidates.token_ids, self.generator)
-        else:
-            tokens = draw_tokens(weights, candidates.token_ids)
-        self.trainer.step_async(shallow, deep, slots)
-        return tokens
+        fused = self.fuse(candidates, logits, shallow, deep, slots, betas, temperatures)
+        if draw_tokens is not None:
+            return draw_tokens(*fused)
+        return draw(*fused, generator=self.generator)
 
     # -- observability -----------------------------------------------------------------------
     def group_stats(self, group: Hashable) -> Optional[dict]:

@@ -4,3 +4,46 @@ import os
 # kernels are decorated, so it must be on before anything imports triton. Servers the
 # tests start get an environment without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
+
+import pytest
+
+from sgl_esamp.default_model import default_cache_dir, make_tiny_llama, materialize_smollm2
+
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return make_tiny_llama(default_cache_dir() / "tiny-llama-test")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return materialize_smollm2()
+
+
+def _server(request, model: Path, **kwargs):
+    from sgl_esamp.patches.launch import launch
+
+    server = launch(model, **kwargs)
+    request.addfinalizer(server.stop)
+    return server
+
+
+@pytest.fixture(scope="session")
+def esamp_server(request, tiny_model):
+    """The plugin with `--sampler esamp`."""
+    return _server(request, tiny_model, esamp=True, extra_args=["--esamp-slots", "8"])
+
+
+@pytest.fixture(scope="session")
+def stock_server(request, tiny_model):
+    """SGLang without the plugin at all."""
+    return _server(request, tiny_model, esamp=False, plugins=False)
+
+
+@pytest.fixture(scope="session")
+def non_esamp_server(request, tiny_model):
+    """The plugin loaded, but the server started on the stock pytorch sampler."""
+    return _server(request, tiny_model, esamp=False)

@@ -1,0 +1,118 @@
+"""Start and stop a real SGLang server for demos, tests and evaluations.
+
+On a machine without a CUDA GPU this uses SGLang's CPU engine, the way that works
+here: SGLANG_USE_CPU_ENGINE=1, `--device cpu --attention-backend torch_native
+--disable-cuda-graph`, a bounded KV pool (otherwise it takes 72% of free RAM), and
+the sgl_kernel stand-in that scripts/setup.sh installs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import requests
+
+CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+CPU_POOL_ARGS = ["--max-total-tokens", "65536", "--max-running-requests", "32"]
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(model_path: str | Path, port: int, *, esamp: bool, extra_args: Sequence[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    if esamp:
+        cmd += ["--sampler", "esamp"]
+    if not has_cuda():
+        cmd += CPU_ARGS
+        if "--max-total-tokens" not in extra_args:
+            cmd += CPU_POOL_ARGS
+    return cmd + list(extra_args)
+
+
+@dataclass
+class Server:
+    """A running server; `stop()` ends its whole process group."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    command: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # the launcher takes its children down
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        try:  # stragglers of the group, if any
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch(
+    model_path: str | Path,
+    *,
+    esamp: bool = True,
+    plugins: bool = True,
+    extra_args: Sequence[str] = (),
+    port: Optional[int] = None,
+    log_path: Optional[Path] = None,
+    timeout: float = 300,
+) -> Server:
+    """Start a server and wait until it generates. `plugins=False` starts stock SGLang."""
+    port = port or free_port()
+    cmd = server_command(model_path, port, esamp=esamp, extra_args=extra_args)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not has_cuda():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    if not plugins:
+        env["SGLANG_PLUGINS"] = "none"  # a whitelist of plugin names: this one matches none
+    log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{port}-", suffix=".log")[1])
+    log = open(log_path, "wb")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, cmd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(server.url + "/health_generate", timeout=30).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise TimeoutError(f"server not ready after {timeout}s:\n{server.log_tail()}")

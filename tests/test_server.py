@@ -1,0 +1,136 @@
+"""The plugin on the real SGLang server (CPU engine, tiny random Llama)."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In a galaxy far away", "def fibonacci(n):"]
+
+
+def generate(server, text, max_new_tokens=12, **sampling):
+    sampling = {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": max_new_tokens, **sampling}
+    response = requests.post(server.url + "/generate", json={"text": text, "sampling_params": sampling}, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def bank(server):
+    return requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["esamp"]
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sampled_request_uses_esamp_and_trains(esamp_server):
+    out = generate(esamp_server, PROMPTS[0], sampling_seed=1)
+    info = out["meta_info"]["esamp"]
+    assert info["enabled"] and info["group_id"]
+    assert info["esamp_tokens"] == out["meta_info"]["completion_tokens"]
+    assert info["train_steps"] >= info["esamp_tokens"] > 0
+    assert info["mean_loss"] > 0
+
+
+def test_n_samples_of_one_request_share_one_group(esamp_server):
+    outs = generate(esamp_server, PROMPTS[1], n=3, sampling_seed=2)
+    infos = [o["meta_info"]["esamp"] for o in outs]
+    assert len({i["group_id"] for i in infos}) == 1
+    assert all(i["train_steps"] > 0 for i in infos)
+    assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)
+
+
+def test_greedy_requests_are_untouched(esamp_server, stock_server):
+    got = generate(esamp_server, PROMPTS[2], temperature=0.0, custom_params={"sampling": "esamp"})
+    want = generate(stock_server, PROMPTS[2], temperature=0.0)
+    assert got["output_ids"] == want["output_ids"]
+    assert "esamp" not in got["meta_info"]
+
+
+def test_exploration_changes_what_is_sampled(esamp_server):
+    def run(custom_params):
+        body = {"input_ids": [[1 + i, 2, 3 + i] for i in range(6)], "sampling_params": {
+            "temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True, "custom_params": custom_params}}
+        response = requests.post(esamp_server.url + "/generate", json=body, timeout=300)
+        return [o["output_ids"] for o in response.json()]
+
+    # The same prompts twice under plain sampling differ only by randomness; ESamp at a
+    # high beta must push at least some branches elsewhere than the plain distribution.
+    assert run({"beta": 5.0}) != run({"sampling": "plain"})
+    assert bank(esamp_server)["groups_allocated"] >= 6
+
+
+def test_abort_frees_the_group_slot(esamp_server):
+    rid = "esamp-abort-test"
+    body = {"text": PROMPTS[3], "rid": rid, "sampling_params": {"temperature": 0.9, "max_new_tokens": 1500, "ignore_eos": True}}
+    thread = threading.Thread(target=requests.post, args=(esamp_server.url + "/generate",), kwargs={"json": body, "timeout": 300})
+    thread.start()
+    assert wait_for(lambda: bank(esamp_server)["slots_used"] == 1)
+    requests.post(esamp_server.url + "/abort_request", json={"rid": rid}, timeout=60).raise_for_status()
+    thread.join(120)
+    assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0 and bank(esamp_server)["active_members"] == 0)
+
+
+def test_openai_completions_and_chat_accept_esamp_params(esamp_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=esamp_server.url + "/v1", api_key="none")
+    before = bank(esamp_server)["groups_allocated"]
+    completion = client.completions.create(
+        model="default", prompt=PROMPTS[0], max_tokens=8, temperature=0.9, n=2,
+        extra_body={"custom_params": {"sampling": "esamp", "beta": 1.0}},
+    )
+    assert len(completion.choices) == 2
+    chat = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, temperature=0.9,
+        extra_body={"custom_params": {"sampling": "esamp"}},
+    )
+    assert chat.choices[0].message.content is not None
+    assert bank(esamp_server)["groups_allocated"] == before + 2  # n=2 shares one group, chat has its own
+    with pytest.raises(openai.BadRequestError, match="custom_params.beta"):
+        client.completions.create(model="default", prompt="x", max_tokens=2, extra_body={"custom_params": {"beta": -1}})
+
+
+BAD_PARAMS = [
+    ({"beta": -0.5}, "custom_params.beta"),
+    ({"beta": 1e6}, "custom_params.beta"),
+    ({"beta": "strong"}, "custom_params.beta"),
+    ({"sampling": "bogus"}, "custom_params.sampling"),
+    ({"group_id": ""}, "custom_params.group_id"),
+]
+
+
+@pytest.mark.parametrize("custom_params,field", BAD_PARAMS)
+def test_bad_input_is_a_400_naming_the_field_and_the_server_keeps_serving(esamp_server, custom_params, field):
+    body = {"text": "hi", "sampling_params": {"temperature": 0.9, "max_new_tokens": 2, "custom_params": custom_params}}
+    response = requests.post(esamp_server.url + "/generate", json=body, timeout=60)
+    assert response.status_code == 400
+    assert field in response.text and "allowed" in response.text
+    generate(esamp_server, "still alive?", max_new_tokens=2)
+
+
+def test_nan_beta_is_rejected(esamp_server):
+    # NaN is not JSON: SGLang's parser already answers 400 before any field is read ...
+    raw = '{"text": "hi", "sampling_params": {"temperature": 0.9, "max_new_tokens": 2, "custom_params": {"beta": NaN}}}'
+    response = requests.post(esamp_server.url + "/generate", data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400
+    # ... and its string spelling is rejected by ESamp, naming the field.
+    body = {"text": "hi", "sampling_params": {"temperature": 0.9, "max_new_tokens": 2, "custom_params": {"beta": "NaN"}}}
+    response = requests.post(esamp_server.url + "/generate", json=body, timeout=60)
+    assert response.status_code == 400 and "custom_params.beta" in response.text
+    generate(esamp_server, "still alive?", max_new_tokens=2)
+
+
+def test_esamp_on_a_server_without_esamp_says_how_to_start_it(non_esamp_server):
+    body = {"text": "hi", "sampling_params": {"temperature": 0.9, "max_new_tokens": 2, "custom_params": {"sampling": "esamp"}}}
+    response = requests.post(non_esamp_server.url + "/generate", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "--sampler esamp" in response.text
+    plain = generate(non_esamp_server, "hi", max_new_tokens=2)
+    assert "esamp" not in plain["meta_info"]
