@@ -14,4 +14,4 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) examples/demo.py
+	$(PY) examples/fork_explore.py

@@ -24,8 +24,8 @@ CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into 
 
 # --flag -> (ESampConfig field, type, help)
 OPTIONS = {
-    "--esamp-beta": ("beta", float, "exploration strength, 0 = plain sampling (default 0.5; range [0, 10])"),
-    "--esamp-source-layer": ("source_layer", int, "shallow decoder layer whose output feeds the Distiller (default: a quarter of the depth)"),
+    "--esamp-beta": ("beta", float, "exploration strength, 0 = plain sampling (default 0.1; range [0, 10])"),
+    "--esamp-source-layer": ("source_layer", int, "shallow decoder layer whose block output feeds the Distiller (default 0)"),
     "--esamp-rank": ("rank", int, "Distiller rank r (default 64)"),
     "--esamp-lr": ("lr", float, "Distiller learning rate (default 1e-3)"),
     "--esamp-slots": ("num_slots", int, "concurrent request groups with their own Distiller (default 64)"),

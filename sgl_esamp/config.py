@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 
@@ -47,9 +47,10 @@ def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
 class ESampConfig:
     """Settings of one ESamp engine (one model, one bank of Distillers).
 
-    beta:            exploration strength; 0 reproduces plain sampling.
+    beta:            exploration strength; 0 reproduces plain sampling. 0.1 is the
+                     authors' suggested start; larger values drift from the model.
     source_layer:    index of the shallow decoder layer whose block output feeds the
-                     Distiller; None lets the engine pick a quarter of the depth.
+                     Distiller (the authors use the first layer).
     rank:            r, the Distiller's bottleneck width.
     lr:              Adam learning rate of the online training step.
     num_slots:       how many groups can hold a Distiller at once.
@@ -62,8 +63,8 @@ class ESampConfig:
     seed:            seed of the Distiller's initial weights (shared by all slots).
     """
 
-    beta: float = 0.5
-    source_layer: Optional[int] = None
+    beta: float = 0.1
+    source_layer: int = 0
     rank: int = 64
     lr: float = 1e-3
     num_slots: int = 64
@@ -74,8 +75,7 @@ class ESampConfig:
 
     def __post_init__(self) -> None:
         check_beta(self.beta)
-        if self.source_layer is not None:
-            _check_int("source_layer", self.source_layer, 0, 1 << 16)
+        _check_int("source_layer", self.source_layer, 0, 1 << 16)
         _check_int("rank", self.rank, *RANK_RANGE)
         lo, hi = LR_RANGE
         if not _is_real(self.lr) or not math.isfinite(self.lr) or not lo < self.lr <= hi:
@@ -94,10 +94,9 @@ class ESampConfig:
 
     def resolve_source_layer(self, num_layers: int) -> int:
         """The shallow layer for a model of `num_layers` decoder layers (must be below the last)."""
-        layer = self.source_layer if self.source_layer is not None else max(0, num_layers // 4 - 1)
-        if not 0 <= layer < num_layers - 1:
-            raise ESampConfigError("source_layer", layer, f"an integer in [0, {num_layers - 2}] for this model")
-        return layer
+        if not self.source_layer < num_layers - 1:
+            raise ESampConfigError("source_layer", self.source_layer, f"an integer in [0, {num_layers - 2}] for this model")
+        return self.source_layer
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ def test_defaults_are_valid_and_documented_values():
 
 
 def test_source_layer_is_checked_against_model_depth():
-    assert ESampConfig().resolve_source_layer(32) == 7
+    assert ESampConfig().resolve_source_layer(32) == 0
     assert ESampConfig(source_layer=3).resolve_source_layer(30) == 3
     with pytest.raises(ESampConfigError, match="source_layer=29 .*\\[0, 28\\]"):
         ESampConfig(source_layer=29).resolve_source_layer(30)
