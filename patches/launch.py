@@ -3,7 +3,8 @@
 On a machine without a CUDA GPU this uses SGLang's CPU engine, the way that works
 here: SGLANG_USE_CPU_ENGINE=1, `--device cpu --attention-backend torch_native
 --disable-cuda-graph`, a bounded KV pool (otherwise it takes 72% of free RAM), and
-the sgl_kernel stand-in that scripts/setup.sh installs.
+the sgl_kernel stand-in that scripts/setup.sh installs. `--sleep-on-idle` keeps idle
+schedulers from busy-polling the few cores a CPU machine has.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 import requests
 
-CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+CPU_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--sleep-on-idle"]
 CPU_POOL_ARGS = ["--max-total-tokens", "65536", "--max-running-requests", "32"]
 
 

@@ -7,6 +7,7 @@ call, and the ESamp state is created on first use from the loaded model.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -99,14 +100,15 @@ class ESampBackend(Sampler):
         if self.engine is None:
             model = self.model_runner.model
             vocab = self.model_runner.model_config.vocab_size
-            layers = model.model.layers
-            mlp = layers[-1].mlp
-            gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+            last_mlp = None
+            if self.config.init == "svd":
+                mlp = model.model.layers[-1].mlp
+                last_mlp = (*mlp.gate_up_proj.weight.chunk(2, dim=0), mlp.down_proj.weight)
             self.engine = ESampSampler(
                 self.config,
                 model.lm_head.weight[:vocab],  # padded to a multiple of 64 in SGLang
                 norm_weight=model.model.norm.weight,
-                last_mlp=(gate, up, mlp.down_proj.weight) if self.config.init == "svd" else None,
+                last_mlp=last_mlp,
             )
         return self.engine
 
@@ -127,10 +129,7 @@ class ESampBackend(Sampler):
             self.fallback_tokens += len(wanted)
             return None
         if batch.forward_mode.is_extend():  # hidden states cover every prompt token
-            ends, total = [], 0
-            for length in batch.extend_seq_lens_cpu:
-                total += length
-                ends.append(total - 1)
+            ends = [end - 1 for end in itertools.accumulate(batch.extend_seq_lens_cpu)]
         else:
             ends = range(len(reqs))
         engine = self._engine()

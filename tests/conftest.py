@@ -38,12 +38,6 @@ def esamp_server(request, tiny_model):
 
 
 @pytest.fixture(scope="session")
-def stock_server(request, tiny_model):
-    """SGLang without the plugin at all."""
-    return _server(request, tiny_model, esamp=False, plugins=False)
-
-
-@pytest.fixture(scope="session")
 def non_esamp_server(request, tiny_model):
     """The plugin loaded, but the server started on the stock pytorch sampler."""
     return _server(request, tiny_model, esamp=False)

@@ -47,9 +47,9 @@ def test_n_samples_of_one_request_share_one_group(esamp_server):
     assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)
 
 
-def test_greedy_requests_are_untouched(esamp_server, stock_server):
+def test_greedy_requests_are_untouched(esamp_server, non_esamp_server):
     got = generate(esamp_server, PROMPTS[2], temperature=0.0, custom_params={"sampling": "esamp"})
-    want = generate(stock_server, PROMPTS[2], temperature=0.0)
+    want = generate(non_esamp_server, PROMPTS[2], temperature=0.0)
     assert got["output_ids"] == want["output_ids"]
     assert "esamp" not in got["meta_info"]
 
