@@ -241,7 +241,7 @@ class FakeDecoder:
         self.weights = [dict(qkv=w(hidden, hidden + 2 * kv), o=w(hidden, hidden), gu=w(hidden, 2 * inter), d=w(inter, hidden))
                         for _ in range(distinct)]
         self.head, self.hidden, self.inter, self.layers = head, hidden, inter, layers
-        self.source = max(0, layers // 4 - 1)  # ESampConfig.resolve_source_layer's default
+        self.source = ESampConfig().resolve_source_layer(layers)  # the config's default source layer
         self.weight_bytes = layer_bytes * layers + head.numel() * 2
 
     def rms(self, x, scale=1.0):

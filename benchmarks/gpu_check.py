@@ -138,7 +138,7 @@ def check_fusion(device, vocab, hiddens, batches, caps, log):
             gen = torch.Generator(device).manual_seed(n)
             pred = torch.randn(n, hidden, generator=gen, device=device) * 1.5
             betas = torch.rand(n, generator=gen, device=device) * 2
-            betas[::3] = 0.0  # some β = 0 rows
+            betas[1::3] = 0.0  # some β = 0 rows (row 0 keeps β > 0, so N = 1 tests the shift)
             for cap in caps:
                 cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, cap)
                 kept = cand.weights > 0
@@ -335,6 +335,7 @@ def check_no_sync(device, vocab, hidden, n, log):
     if device.type != "cuda":
         cands = profiler_sync_candidates(lambda: s.sample(*args))
         res["cpu_profiler_sync_candidates"] = [f"{k[0]} x{v} under {k[1]}" for k, v in cands.items()]
+        res["ok"] = "n/a (no CUDA: see the op list)"
         log(f"(c) CPU only: ops that would sync on CUDA (profiler): {res['cpu_profiler_sync_candidates'] or 'none'}")
         log("    note: on the CPU _assert_async calls .item() (on CUDA a device-side assert, no sync), and\n"
             "    `probs[mask] = 0.0` calls .item() on the CPU-held scalar 0.0 (on CUDA too: no device sync)")
@@ -423,11 +424,42 @@ def check_beta_zero(device, vocab, hidden, batches, caps, log, steps: int = 4):
     return rows_out
 
 
+# ----------------------------------------------------------------------------------------------
+# (e) engines that sample under torch.inference_mode (vLLM; SGLang with
+#     SGLANG_ENABLE_TORCH_INFERENCE_MODE=1): does the online training still run?
+# ----------------------------------------------------------------------------------------------
+def check_inference_mode(device, vocab, hidden, log):
+    res = {}
+    head = make_head(vocab, hidden, device, seed=17)
+    for built in ("outside", "inside"):
+        n = 8
+        try:
+            s = ESampSampler(ESampConfig(beta=0.5, max_candidates=256), head) if built == "outside" else None
+            with torch.inference_mode():
+                if s is None:
+                    s = ESampSampler(ESampConfig(beta=0.5, max_candidates=256), head)
+                temps, top_ks, top_ps, min_ps = sampling_params(n, device)
+                before = s.distillers.params["B"].clone()
+                for step in range(3):
+                    slots = slot_tensor(s.assign_slots(group_rows(n)), device)
+                    logits, shallow, deep = make_step_inputs(n, vocab, hidden, device, seed=step)
+                    s.sample(logits, shallow, deep, slots, torch.full((n,), 0.5, device=device), temps, top_ks, top_ps, min_ps)
+                s.trainer.wait()
+                sync()
+                moved = bool((s.distillers.params["B"] - before).abs().max() > 0)
+            res[built] = {"ok": moved, "trained": moved}
+        except Exception as exc:
+            res[built] = {"ok": False, "error": repr(exc)[:200]}
+        log(f"(e) sample() under torch.inference_mode, sampler built {built} it: "
+            f"{'OK (trains)' if res[built]['ok'] else 'FAIL ' + res[built].get('error', 'no training')}")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small sizes (quick functional run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--only", default="abcd", help="subset of checks, e.g. 'ac'")
+    ap.add_argument("--only", default="abcde", help="subset of checks, e.g. 'ac'")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -460,6 +492,7 @@ def main():
                                          for h in hiddens for n in ((8, 64) if not smoke else (8,))]),
         ("c", "no_sync", lambda: [check_no_sync(device, vocab, hiddens[0], n, log) for n in ((1, 64) if not smoke else (8,))]),
         ("d", "beta_zero", lambda: check_beta_zero(device, vocab, hiddens[0], batches, CAPS, log)),
+        ("e", "inference_mode", lambda: check_inference_mode(device, vocab, hiddens[1], log)),
     ]
     for key, name, fn in steps:
         if key not in args.only:
@@ -478,12 +511,15 @@ def main():
     def oks(v):
         if isinstance(v, list):
             return all(oks(x) for x in v)
+        if isinstance(v, dict) and "ok" not in v and "error" not in v:
+            return all(oks(x) for x in v.values())
         return isinstance(v, dict) and "error" not in v and v.get("ok", True)
 
     log("\n| check | result |\n|---|---|")
-    for name in ("fusion", "async_training", "no_sync", "beta_zero"):
+    for name in ("fusion", "async_training", "no_sync", "beta_zero", "inference_mode"):
         if name in results:
-            log(f"| {name} | {'PASS' if oks(results[name]) else 'FAIL'} |")
+            na = name == "no_sync" and not HAS_CUDA
+            log(f"| {name} | {'n/a without CUDA' if na else 'PASS' if oks(results[name]) else 'FAIL'} |")
     log(f"total {results['elapsed_s']:.1f}s")
 
 

@@ -17,6 +17,7 @@ from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_f
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
 from sgl_esamp import Candidates, ESampSampler, filter_probs
+from sgl_esamp.sampler import device_tensor
 
 from . import request_params
 from .server_args import esamp_config
@@ -168,15 +169,15 @@ class ESampBackend(Sampler):
             return super().forward(*args, **kwargs)
         logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
         device = logits.device
-        rows = torch.tensor(plan.rows, device=device)
-        token_rows = torch.tensor(plan.token_rows, device=device)
+        rows = device_tensor(plan.rows, device)
+        token_rows = device_tensor(plan.token_rows, device)
         self.pending = PendingRows(
             rows=rows,
             logits=logits.index_select(0, rows),  # pre-temperature: the stock path edits logits in place
             shallow=logits_output.hidden_states.index_select(0, token_rows),
             deep=logits_output.last_hidden_states.index_select(0, token_rows),
-            slots=torch.tensor(plan.slots, device=device),
-            betas=torch.tensor(plan.betas, device=device),
+            slots=device_tensor(plan.slots, device),
+            betas=device_tensor(plan.betas, device, torch.float32),
         )
         self.preprocessed = True
         try:

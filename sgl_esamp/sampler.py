@@ -25,6 +25,14 @@ from .training import DistillerTrainer
 Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_ids) -> tokens
 
 
+def device_tensor(values: Sequence, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host list -> device tensor without blocking the host (pinned, non-blocking copy on CUDA)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class ESampSampler:
     """The Distiller bank, its trainer and the group→slot table of one model."""
 
@@ -48,8 +56,9 @@ class ESampSampler:
             init = svd_init(*last_mlp, config.rank, norm_weight=norm_weight, dtype=dtype)
         else:
             init = zero_delta_init(hidden, config.rank, seed=config.seed, norm_weight=norm_weight, dtype=dtype)
-        self.distillers = DistillerBank(init, config.num_slots, lm_head_weight.device, dtype)
-        self.trainer = DistillerTrainer(self.distillers, config.lr)
+        with torch.inference_mode(False):  # trainable state must not be inference tensors
+            self.distillers = DistillerBank(init, config.num_slots, lm_head_weight.device, dtype)
+            self.trainer = DistillerTrainer(self.distillers, config.lr)
         self.groups = GroupBank(config.num_slots)
         self.generator = torch.Generator(lm_head_weight.device).manual_seed(config.seed)
 
@@ -60,7 +69,7 @@ class ESampSampler:
         slots = [self.groups.slot_for(group, member) for group, member in rows]
         fresh = self.groups.take_fresh_slots()
         if fresh:
-            self.trainer.reset_slots(torch.tensor(fresh, device=self.distillers.device))
+            self.trainer.reset_slots(device_tensor(fresh, self.distillers.device))
         return slots
 
     def release(self, group: Hashable, member: Hashable) -> None:

@@ -67,22 +67,29 @@ class DistillerTrainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
         """One optimizer step on the pairs (x_i, y_i) of slot slots[i] (rows with slot < 0 ignored)."""
-        params = {k: p.detach().requires_grad_(True) for k, p in self.bank.params.items()}
-        with torch.enable_grad():
+        # Engines may sample under torch.inference_mode (vLLM; SGLang with
+        # SGLANG_ENABLE_TORCH_INFERENCE_MODE=1), where enable_grad alone records nothing.
+        with torch.inference_mode(False), torch.enable_grad():
+            if x.is_inference() or y.is_inference():
+                x, y, slots = x.clone(), y.clone(), slots.clone()
+            params = {k: p.detach().requires_grad_(True) for k, p in self.bank.params.items()}
             loss, per_slot, counts = self.loss_per_slot(x, y, slots, params)
             grads = torch.autograd.grad(loss, list(params.values()))
         active = counts > 0
         self.steps += active.long()
-        self._adam(dict(zip(params, grads)), active)
+        self._adam(dict(zip(params, grads)), active, slots)
         self.last_loss.copy_(torch.where(active, per_slot.float(), self.last_loss))
         self.loss_sum += torch.where(active, per_slot.double(), 0.0)
 
     @torch.no_grad()
-    def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+    def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor, slots: Optional[torch.Tensor] = None) -> None:
         b1, b2 = ADAM_BETAS
         t = self.steps.clamp_min(1).to(self.bank.dtype)
         bias1 = 1 - b1**t
         bias2 = 1 - b2**t
+        if slots is not None and slots.numel() < self.bank.num_slots:
+            self._adam_rows(grads, active, bias1, bias2, slots.clamp_min(0).long())
+            return
         for name, param in self.bank.params.items():
             dim = self.bank.PARAM_SLOT_DIM[name]
             view = [1] * param.dim()
@@ -93,6 +100,25 @@ class DistillerTrainer:
             v.copy_(torch.where(mask, b2 * v + (1 - b2) * grad * grad, v))
             update = self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
             param.sub_(torch.where(mask, update, 0))
+
+    def _adam_rows(self, grads, active, bias1, bias2, idx: torch.Tensor) -> None:
+        """The same update on the slots of this step's rows only (N < S): N slices gathered
+        instead of passes over all S slots; static shapes, no host sync. A slot listed by
+        several rows is computed and written several times with bit-identical values."""
+        b1, b2 = ADAM_BETAS
+        active, bias1, bias2 = active[idx], bias1[idx], bias2[idx]
+        for name, param in self.bank.params.items():
+            dim = self.bank.PARAM_SLOT_DIM[name]
+            view = [1] * param.dim()
+            view[dim] = -1
+            mask, c1, c2 = active.view(view), bias1.view(view), bias2.view(view)
+            grad, m, v, p = (x.index_select(dim, idx) for x in (grads[name], self.exp_avg[name], self.exp_avg_sq[name], param))
+            m = torch.where(mask, b1 * m + (1 - b1) * grad, m)
+            v = torch.where(mask, b2 * v + (1 - b2) * grad * grad, v)
+            update = self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
+            self.exp_avg[name].index_copy_(dim, idx, m)
+            self.exp_avg_sq[name].index_copy_(dim, idx, v)
+            param.index_copy_(dim, idx, p - torch.where(mask, update, 0))
 
     # -- asynchronous use -------------------------------------------------------------
     def step_async(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:

@@ -132,3 +132,30 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
     torch.testing.assert_close(bank.forward(x, torch.zeros(3, dtype=torch.long)), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         svd_init(gate, up, down, inter + 1)
+
+
+def test_sparse_adam_on_the_rows_slots_equals_the_update_over_all_slots():
+    class AllSlots(DistillerTrainer):
+        def _adam(self, grads, active, slots=None):  # force the dense pass over every slot
+            super()._adam(grads, active, None)
+
+    sparse = make_trainer(8)
+    dense = AllSlots(DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 8, "cpu", torch.float64), 1e-2)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(3, H, generator=gen, dtype=torch.float64), torch.randn(3, H, generator=gen, dtype=torch.float64)
+        slots = torch.tensor([step % 5, 6, -1])  # a moving slot, a fixed one, a row without slot
+        sparse.step(x, y, slots)
+        dense.step(x, y, slots)
+    for name in sparse.bank.params:
+        assert torch.equal(sparse.bank.params[name], dense.bank.params[name])
+        assert torch.equal(sparse.exp_avg_sq[name], dense.exp_avg_sq[name])
+
+
+def test_training_works_when_the_engine_samples_under_inference_mode():
+    with torch.inference_mode():
+        sampler = ESampSampler(ESampConfig(num_slots=2, rank=R), torch.randn(50, H))
+        slots = torch.tensor(sampler.assign_slots([("g", "a")]))
+        plain = dict(temperatures=torch.ones(1), top_ks=torch.full((1,), 1 << 30), top_ps=torch.ones(1), min_ps=torch.zeros(1))
+        sampler.sample(torch.randn(1, 50), torch.randn(1, H), torch.randn(1, H), slots, torch.ones(1), **plain)
+    assert sampler.group_stats("g")["train_steps"] == 1
