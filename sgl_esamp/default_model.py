@@ -35,8 +35,8 @@ DEFAULT_DTYPE = torch.bfloat16
 
 
 def default_cache_dir() -> Path:
-    """Root of the cache: $SGL_ESAMP_CACHE or ~/.cache/sgl_esamp."""
-    env = os.environ.get("SGL_ESAMP_CACHE")
+    """Root of the cache: $ESAMP_CACHE or ~/.cache/sgl_esamp."""
+    env = os.environ.get("ESAMP_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "sgl_esamp"
 
 
@@ -152,7 +152,7 @@ def make_tiny_llama(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: $SGL_ESAMP_CACHE or ~/.cache/sgl_esamp")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $ESAMP_CACHE or ~/.cache/sgl_esamp")
     p.add_argument("--tiny", type=Path, metavar="DIR", help="write a tiny random Llama to DIR and print its path")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -69,10 +69,10 @@ def draw(weights: torch.Tensor, token_ids: torch.Tensor, generator: torch.Genera
 
 
 def fusion_backend(device: torch.device) -> str:
-    """"triton" on CUDA (or when SGL_ESAMP_FUSION=triton), else "torch"."""
-    choice = os.environ.get("SGL_ESAMP_FUSION", "auto")
+    """The fusion backend: "triton" on CUDA (or when ESAMP_FUSION=triton), else "torch"."""
+    choice = os.environ.get("ESAMP_FUSION", "auto")
     if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"SGL_ESAMP_FUSION={choice!r} is invalid: allowed auto, torch, triton")
+        raise ValueError(f"ESAMP_FUSION={choice!r} is invalid: allowed auto, torch, triton")
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return choice

@@ -1,0 +1,209 @@
+"""CLI: python -m sgl_esamp.eval [--quick] [--tune-betas B ...] [--url URL] --out DIR"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from . import metrics, reasoning, report, writing
+from .client import Job, run_jobs, server
+from .methods import Method, methods
+
+QUICK = dict(n=4, problems=2, prompts=2, reasoning_tokens=32, writing_tokens=32, betas=[0.3],
+             dev_problems=2, dev_prompts=1)
+# Sized for SGLang's CPU engine on 2 cores (~80-100 generated tokens/s for SmolLM2 when the
+# machine is otherwise idle): about 20 minutes. Scale up (--n, --problems, --prompts) on a GPU.
+FULL = dict(n=8, problems=12, prompts=6, reasoning_tokens=64, writing_tokens=128, betas=[0.3],
+            dev_problems=3, dev_prompts=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sgl_esamp.eval", description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("eval_out"))
+    p.add_argument("--model", type=Path, default=None, help="served and perplexity model (default SmolLM2-135M-Instruct)")
+    p.add_argument("--url", default=None, help="use this running ESamp server instead of starting one")
+    p.add_argument("--quick", action="store_true", help="a few prompts, small n: a smoke run (< 5 min on 2 CPU cores)")
+    p.add_argument("--split", choices=["dev", "test"], default="test")
+    p.add_argument("--parts", nargs="+", choices=["reasoning", "writing"], default=["reasoning", "writing"])
+    p.add_argument("--tasks", nargs="+", default=reasoning.DEFAULT_TASKS, help="reasoning-gym dataset names")
+    p.add_argument("--n", type=int, help="samples per prompt, the same for every method")
+    p.add_argument("--problems", type=int, help="problems per reasoning task")
+    p.add_argument("--prompts", type=int, help="WritingBench prompts")
+    p.add_argument("--reasoning-tokens", type=int, help="max_new_tokens for reasoning")
+    p.add_argument("--writing-tokens", type=int, help="max_new_tokens for writing")
+    p.add_argument("--betas", type=float, nargs="+", help="ESamp betas compared")
+    p.add_argument("--dev-problems", type=int, help="problems per task when tuning on dev")
+    p.add_argument("--dev-prompts", type=int, help="WritingBench prompts when tuning on dev")
+    p.add_argument("--tune-betas", type=float, nargs="+", default=None,
+                   help="first pick the best of these betas on the dev split, then run --split test with it")
+    p.add_argument("--methods", nargs="+", default=None, help="only these method names")
+    p.add_argument("--problem-seed", type=int, default=1234, help="reasoning-gym seed of dev; test uses seed+1")
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the WritingBench dev/test partition")
+    p.add_argument("--sampling-seed", type=int, default=0, help="server --random-seed (when it starts the server)")
+    p.add_argument("--source-layer", type=int, default=0, help="--esamp-source-layer (when it starts the server)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (each has n samples)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build_jobs(args: argparse.Namespace, ms: list[Method], split: str, tokenizer: Any) -> tuple[list[Job], dict]:
+    """Every (method, prompt) request, and the items they refer to."""
+    def chat(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+
+    items: dict[tuple, Any] = {}
+    if "reasoning" in args.parts:
+        for task in args.tasks:
+            dev = reasoning.problems(task, args.problems, args.problem_seed)  # dev's first items do not depend on size
+            if split == "dev":
+                chosen = dev
+            else:  # a different seed, and drop any question that also appears in dev
+                seen = {p.question for p in dev}
+                pool = reasoning.problems(task, args.problems * 2, args.problem_seed + 1)
+                chosen = [p for p in pool if p.question not in seen][: args.problems]
+            for i, prob in enumerate(chosen):
+                items[("reasoning", task, i)] = (prob, chat(prob.question + reasoning.INSTRUCTION))
+    if "writing" in args.parts:
+        rows = writing.split(writing.prompts(), split, args.prompt_seed)[: args.prompts]
+        for i, row in enumerate(rows):
+            items[("writing", i)] = (row, chat(row["query"]))
+    jobs = []
+    for method in ms:
+        for key, (_, prompt) in items.items():
+            tokens = args.reasoning_tokens if key[0] == "reasoning" else args.writing_tokens
+            jobs.append(Job(method, key, prompt, {"max_new_tokens": tokens}))
+    return jobs, items
+
+
+def evaluate(args: argparse.Namespace, ms: list[Method], split: str, url: str, model: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    jobs, items = build_jobs(args, ms, split, tokenizer)
+    outputs: dict[tuple, list[dict]] = {}
+    t0 = time.monotonic()
+    run_jobs(url, jobs, args.n, args.concurrency, f"generate ({split})",
+             lambda job, res: outputs.__setitem__((job.method.name,) + job.key, res))
+    gen_s = time.monotonic() - t0
+    results: dict[str, Any] = {"config": {
+        "split": split, "model": str(model), "n": args.n, "tasks": args.tasks if "reasoning" in args.parts else [],
+        "problems": args.problems, "prompts": len([k for k in items if k[0] == "writing"]),
+        "reasoning_tokens": args.reasoning_tokens, "writing_tokens": args.writing_tokens,
+        "problem_seed": args.problem_seed + (split == "test"), "prompt_seed": args.prompt_seed,
+        "sampling_seed": args.sampling_seed, "source_layer": args.source_layer, "url": args.url,
+        "generation_seconds": round(gen_s, 1)},
+        "methods": {m.name: {"sampling_params": m.sampling_params, "custom_params": m.custom_params} for m in ms}}
+
+    # ESamp's own view: did the group Distillers train, and how well do they predict?
+    stats: dict[str, Any] = {}
+    for m in ms:
+        metas = [o["meta_info"].get("esamp") or {} for key, res in outputs.items() if key[0] == m.name for o in res]
+        metas = [x for x in metas if x.get("enabled")]
+        if metas:
+            tok = sum(x.get("esamp_tokens", 0) for x in metas)
+            stats[m.name] = {"train_steps": statistics.mean(x.get("train_steps", 0) for x in metas),
+                             "mean_loss": statistics.mean(x.get("mean_loss") or 0.0 for x in metas),
+                             "esamp_share": tok / max(1, tok + sum(x.get("fallback_tokens", 0) for x in metas))}
+    results["esamp_stats"] = stats
+
+    ks = metrics.ks(args.n)
+    if "reasoning" in args.parts:
+        results["reasoning"] = {}
+        for m in ms:
+            per: dict[str, Any] = {}
+            for task in args.tasks:
+                rows = []
+                for key, (prob, _) in items.items():
+                    if key[:2] != ("reasoning", task):
+                        continue
+                    texts = [o["text"] for o in outputs[(m.name,) + key]]
+                    ok = [reasoning.correct(prob, t) for t in texts]
+                    rows.append({"index": key[2], "question": prob.question, "answer": prob.answer,
+                                 "extracted": [reasoning.extract_answer(t, reasoning.is_numeric(prob)) for t in texts],
+                                 "correct": ok, "completions": texts,
+                                 "pass_at_k": {str(k): metrics.pass_at_k(args.n, sum(ok), k) for k in ks}})
+                per[task] = {"pass_at_k": {str(k): statistics.mean(r["pass_at_k"][str(k)] for r in rows) for k in ks},
+                             "problems": rows}
+            per["all"] = {"pass_at_k": {str(k): statistics.mean(per[t]["pass_at_k"][str(k)] for t in args.tasks) for k in ks}}
+            results["reasoning"][m.name] = per
+
+    if "writing" in args.parts:
+        from tqdm import tqdm
+
+        embed, ppl = metrics.Embedder(), metrics.Perplexity(model)
+        results["writing"] = {}
+        wkeys = [k for k in items if k[0] == "writing"]
+        bar = tqdm(total=len(ms) * len(wkeys), desc="writing metrics", unit="prompt")
+        for m in ms:
+            rows = []
+            for key in wkeys:
+                row, prompt = items[key]
+                texts = [o["text"] for o in outputs[(m.name,) + key]]
+                ppls = ppl(prompt, texts)
+                rows.append({"index": row["index"], "domain2": row["domain2"], "query": row["query"],
+                             **embed.diversity(texts), "distinct_1": metrics.distinct_n(texts, 1),
+                             "distinct_2": metrics.distinct_n(texts, 2), "perplexity": ppls,
+                             "median_perplexity": statistics.median(ppls), "mean_perplexity": statistics.mean(ppls),
+                             "completions": texts})
+                bar.update(1)
+            fields = ["vendi", "mean_cosine", "distinct_1", "distinct_2", "median_perplexity", "mean_perplexity"]
+            results["writing"][m.name] = {"mean": {f: statistics.mean(r[f] for r in rows) for f in fields},
+                                          "prompts": rows}
+        bar.close()
+
+    report.write_json(results, out / "results.json")
+    (out / "results.md").write_text(report.markdown(results))
+    report.plots(results, out)
+    return results
+
+
+def best_beta(results: dict, betas: list[float]) -> float:
+    """Highest mean pass@n on dev reasoning; ties (and writing-only runs) go to the higher Vendi."""
+    n = str(results["config"]["n"])
+
+    def score(beta: float) -> tuple:
+        name = f"esamp_b{beta:g}"
+        p = results.get("reasoning", {}).get(name, {}).get("all", {}).get("pass_at_k", {}).get(n, 0.0)
+        v = results.get("writing", {}).get(name, {}).get("mean", {}).get("vendi", 0.0)
+        return (round(p, 3), v)
+
+    return max(betas, key=score)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.model is None:
+        from sgl_esamp.default_model import materialize_smollm2
+
+        args.model = materialize_smollm2()
+    server_args = ["--esamp-source-layer", str(args.source_layer), "--random-seed", str(args.sampling_seed),
+                   "--max-running-requests", str(max(32, args.concurrency * args.n)), *args.server_arg]
+
+    def pick(ms: list[Method]) -> list[Method]:
+        return [m for m in ms if args.methods is None or m.name in args.methods]
+
+    with server(args.model, args.url, server_args) as url:
+        if args.tune_betas:
+            # Tuning sees only the dev split: temperature (reference) and ESamp at each candidate beta.
+            dev_ms = [m for m in methods(args.tune_betas) if m.name == "temperature" or m.beta is not None]
+            dev_args = argparse.Namespace(**{**vars(args), "problems": args.dev_problems, "prompts": args.dev_prompts})
+            dev = evaluate(dev_args, dev_ms, "dev", url, args.model, args.out / "dev")
+            args.betas = [best_beta(dev, args.tune_betas)]
+            print(f"dev: best beta = {args.betas[0]:g}")
+            args.split = "test"
+        results = evaluate(args, pick(methods(args.betas)), args.split, url, args.model, args.out / args.split)
+    print(report.markdown(results))
+    print(f"wrote {args.out / args.split}")
+
+
+if __name__ == "__main__":
+    main()

