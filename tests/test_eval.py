@@ -1,0 +1,54 @@
+"""The evaluation harness end to end: --quick against a real (CPU) ESamp server on the tiny model.
+
+Checks that the outputs are complete and well-formed, not the numbers (a random model).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from sgl_esamp.eval import metrics, reasoning
+from sgl_esamp.eval.methods import methods
+
+
+def test_quick_run_outputs(tiny_model, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "sgl_esamp.eval", "--quick", "--model", str(tiny_model), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "test"
+    results = json.loads((out / "results.json").read_text())
+    names = [m.name for m in methods([0.3])]
+    n = results["config"]["n"]
+    ks = [str(k) for k in metrics.ks(n)]
+    assert set(results["methods"]) == set(names)
+    for name in names:
+        per = results["reasoning"][name]
+        for task in reasoning.DEFAULT_TASKS + ["all"]:
+            assert list(per[task]["pass_at_k"]) == ks
+            assert all(0.0 <= v <= 1.0 for v in per[task]["pass_at_k"].values())
+        for task in reasoning.DEFAULT_TASKS:
+            assert per[task]["problems"] and all(len(p["correct"]) == n for p in per[task]["problems"])
+        w = results["writing"][name]
+        assert set(w["mean"]) == {"vendi", "mean_cosine", "distinct_1", "distinct_2", "median_perplexity", "mean_perplexity"}
+        for p in w["prompts"]:
+            assert len(p["completions"]) == n and len(p["perplexity"]) == n
+            assert 1.0 - 1e-6 <= p["vendi"] <= n + 1e-6
+    assert results["esamp_stats"]["esamp_b0.3"]["train_steps"] > 0  # the Distiller trained
+
+    table = (out / "results.md").read_text()
+    assert "| method |" in table and all(f"| {name} |" in table for name in names)
+    for png in ("pass_at_k.png", "diversity_vs_perplexity.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_extract_answer():
+    assert reasoning.extract_answer("3 + 4 = 7\nAnswer: 7", numeric=True) == "7"
+    assert reasoning.extract_answer("so 12 legs, then 1,204 legs in total", numeric=True) == "1204"
+    assert reasoning.extract_answer("Backward it is\nAnswer: **ainomma**.", numeric=False) == "ainomma"
+    assert metrics.ks(8) == [1, 2, 4, 8] and metrics.ks(6) == [1, 2, 4, 6]
+    assert metrics.pass_at_k(4, 0, 2) == 0.0 and metrics.pass_at_k(4, 4, 1) == 1.0
+    assert metrics.distinct_n(["a b", "a b"], 1) == 0.5
