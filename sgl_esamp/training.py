@@ -83,42 +83,31 @@ class DistillerTrainer:
 
     @torch.no_grad()
     def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor, slots: Optional[torch.Tensor] = None) -> None:
+        """Masked per-slot Adam. With fewer rows than slots, only the rows' slots are gathered,
+        updated and written back (static shapes, no host sync; a slot listed by several rows
+        is written several times with identical values); otherwise every slot, in place."""
         b1, b2 = ADAM_BETAS
         t = self.steps.clamp_min(1).to(self.bank.dtype)
-        bias1 = 1 - b1**t
-        bias2 = 1 - b2**t
+        bias1, bias2 = 1 - b1**t, 1 - b2**t
+        idx = None
         if slots is not None and slots.numel() < self.bank.num_slots:
-            self._adam_rows(grads, active, bias1, bias2, slots.clamp_min(0).long())
-            return
+            idx = slots.clamp_min(0).long()
+            active, bias1, bias2 = active[idx], bias1[idx], bias2[idx]
         for name, param in self.bank.params.items():
             dim = self.bank.PARAM_SLOT_DIM[name]
             view = [1] * param.dim()
             view[dim] = -1
             mask, c1, c2 = active.view(view), bias1.view(view), bias2.view(view)
-            grad, m, v = grads[name], self.exp_avg[name], self.exp_avg_sq[name]
-            m.copy_(torch.where(mask, b1 * m + (1 - b1) * grad, m))
-            v.copy_(torch.where(mask, b2 * v + (1 - b2) * grad * grad, v))
-            update = self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
-            param.sub_(torch.where(mask, update, 0))
-
-    def _adam_rows(self, grads, active, bias1, bias2, idx: torch.Tensor) -> None:
-        """The same update on the slots of this step's rows only (N < S): N slices gathered
-        instead of passes over all S slots; static shapes, no host sync. A slot listed by
-        several rows is computed and written several times with bit-identical values."""
-        b1, b2 = ADAM_BETAS
-        active, bias1, bias2 = active[idx], bias1[idx], bias2[idx]
-        for name, param in self.bank.params.items():
-            dim = self.bank.PARAM_SLOT_DIM[name]
-            view = [1] * param.dim()
-            view[dim] = -1
-            mask, c1, c2 = active.view(view), bias1.view(view), bias2.view(view)
-            grad, m, v, p = (x.index_select(dim, idx) for x in (grads[name], self.exp_avg[name], self.exp_avg_sq[name], param))
+            state = (grads[name], self.exp_avg[name], self.exp_avg_sq[name], param)
+            grad, m, v, p = state if idx is None else (x.index_select(dim, idx) for x in state)
             m = torch.where(mask, b1 * m + (1 - b1) * grad, m)
             v = torch.where(mask, b2 * v + (1 - b2) * grad * grad, v)
-            update = self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
-            self.exp_avg[name].index_copy_(dim, idx, m)
-            self.exp_avg_sq[name].index_copy_(dim, idx, v)
-            param.index_copy_(dim, idx, p - torch.where(mask, update, 0))
+            p = p - torch.where(mask, self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS), 0)
+            for target, value in zip(state[1:], (m, v, p)):
+                if idx is None:
+                    target.copy_(value)
+                else:
+                    target.index_copy_(dim, idx, value)
 
     # -- asynchronous use -------------------------------------------------------------
     def step_async(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
