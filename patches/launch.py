@@ -50,6 +50,15 @@ def server_command(model_path: str | Path, port: int, *, esamp: bool, extra_args
     return cmd + list(extra_args)
 
 
+def server_env() -> dict[str, str]:
+    """The environment for an SGLang process: the CPU engine where there is no CUDA, and
+    without TRITON_INTERPRET (the tests' kernel interpreter must not reach servers)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not has_cuda():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return env
+
+
 @dataclass
 class Server:
     """A running server; `stop()` ends its whole process group."""
@@ -96,9 +105,7 @@ def launch(
     """Start a server and wait until it generates. `plugins=False` starts stock SGLang."""
     port = port or free_port()
     cmd = server_command(model_path, port, esamp=esamp, extra_args=extra_args)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if not has_cuda():
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env = server_env()
     if not plugins:
         env["SGLANG_PLUGINS"] = "none"  # a whitelist of plugin names: this one matches none
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{port}-", suffix=".log")[1])

@@ -5,18 +5,12 @@ import sys
 
 import pytest
 
-from sgl_esamp.patches.launch import server_command
+from sgl_esamp.patches.launch import server_command, server_env
 
 
 def run_launcher(*args, timeout=240):
     cmd = [sys.executable, "-m", "sglang.launch_server", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"SGLANG_USE_CPU_ENGINE": "1", **_env()})
-
-
-def _env():
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=server_env())
 
 
 def test_help_lists_the_esamp_options():
