@@ -21,7 +21,7 @@ import sgl_esamp.patches.frontend  # noqa: F401  enables sgl.gen(..., sampling="
 def brainstorm(s, question: str, branches: int, sampling: str, beta: float):
     s += sgl.user(question)
     forks = s.fork(branches)
-    forks += sgl.assistant(sgl.gen("answer", max_tokens=48, temperature=0.8, sampling=sampling, beta=beta))
+    forks += sgl.assistant(sgl.gen("answer", max_tokens=48, temperature=0.8, top_p=0.95, sampling=sampling, beta=beta))
     s["answers"] = [f["answer"] for f in forks]
     s["esamp"] = [f.get_meta_info("answer").get("esamp") for f in forks]
 

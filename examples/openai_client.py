@@ -24,6 +24,7 @@ def main() -> None:
         messages=[{"role": "user", "content": "Name a surprising use for a paperclip."}],
         n=args.n,
         temperature=0.8,
+        top_p=0.95,
         max_tokens=48,
         extra_body={"custom_params": {"sampling": "esamp", "beta": args.beta}},
     )

@@ -1,4 +1,5 @@
-"""Request lifecycle hooks: bind batches to the sampler, validate requests, free groups,
+"""Request lifecycle hooks: bind batches to the sampler, learn prefill-only batches,
+validate requests, release group members,
 report per-request stats in `meta_info["esamp"]` and bank stats in `/server_info`."""
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **k
         return original(model_runner, logits_output, forward_batch, *args, **kwargs)
     finally:
         sampler.forward_batch = None
+
+
+def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
+    sampler = getattr(model_runner, "sampler", None)
+    if isinstance(sampler, ESampBackend) and forward_batch.is_prefill_only:
+        sampler.learn_prefill_only(model_runner, output.logits_output, forward_batch)
+    return output
 
 
 def _remember_reqs(forward_batch, _cls, batch, *args, **kwargs):
@@ -90,6 +98,7 @@ def _internal_state(result, *args, **kwargs):
 
 HOOKS = [
     ("sglang.srt.model_executor.model_runner.ModelRunner.sample", _bind_batch, HookType.AROUND),
+    ("sglang.srt.model_executor.model_runner.ModelRunner.forward", _learn_prefill_only, HookType.AFTER),
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _remember_reqs, HookType.AFTER),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify, HookType.AFTER),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import Candidates, ESampSampler, filter_probs
+from sgl_esamp import Candidates, ESampSampler, Pairs, filter_probs
 from sgl_esamp.sampler import device_tensor
 
 from . import request_params
@@ -43,14 +43,23 @@ class PendingRows:
     deep: torch.Tensor
     slots: torch.Tensor
     betas: torch.Tensor
+    seen: Pairs
 
 
 @dataclass
 class StepPlan:
-    rows: list[int]  # batch rows sampled with ESamp
-    token_rows: list[int]  # matching rows of the captured hidden states
-    slots: list[int]
-    betas: list[float]
+    rows: list[int] = field(default_factory=list)  # batch rows sampled with ESamp
+    token_rows: list[int] = field(default_factory=list)  # matching rows of the captured hidden states
+    slots: list[int] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)
+    seen: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot) token ranges learnt
+
+    def seen_pairs(self, logits_output: Any, device: torch.device) -> Pairs:
+        """Every token the step's ESamp requests extended (the whole new prompt part in a prefill)."""
+        index = device_tensor(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
+        slots = device_tensor(torch.cat([torch.full((end - start,), slot) for start, end, slot in self.seen]), device)
+        return Pairs(logits_output.hidden_states.index_select(0, index),
+                     logits_output.last_hidden_states.index_select(0, index), slots)
 
 
 def _plain_backend() -> str:
@@ -69,9 +78,14 @@ def request_esamp(req: Any) -> request_params.RequestESamp:
     cached = getattr(req, "_esamp", None)
     if cached is None:
         sp = req.sampling_params
-        sampled = sp.top_k > 1 and (sp.max_new_tokens is None or sp.max_new_tokens > 0)
-        cached = req._esamp = request_params.resolve(sp.custom_params, sampled)
+        cached = req._esamp = request_params.resolve(sp.custom_params, sp.top_k > 1)
     return cached
+
+
+def samples_tokens(req: Any) -> bool:
+    """False for SGLang's n > 1 warm-up request (max_new_tokens = 0): it only prefills the
+    prompt, which its group learns from, and its token is discarded."""
+    return req.sampling_params.max_new_tokens != 0
 
 
 class ESampBackend(Sampler):
@@ -113,6 +127,17 @@ class ESampBackend(Sampler):
             )
         return self.engine
 
+    def learn_prefill_only(self, model_runner: Any, logits_output: Any, forward_batch: Any) -> None:
+        """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that
+        cache a prompt before its samples start): their groups learn the prompt here."""
+        self.model_runner, self.forward_batch = model_runner, forward_batch
+        try:
+            plan = self._plan(logits_output, forward_batch.sampling_info)
+            if plan is not None:
+                self.engine.learn(plan.seen_pairs(logits_output, logits_output.hidden_states.device))
+        finally:
+            self.forward_batch = None
+
     def _plan(self, logits_output: Any, sampling_info: Any) -> Optional[StepPlan]:
         batch = self.forward_batch
         if sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
@@ -129,46 +154,50 @@ class ESampBackend(Sampler):
         if logits_output.hidden_states is None or logits_output.last_hidden_states is None:
             self.fallback_tokens += len(wanted)
             return None
-        if batch.forward_mode.is_extend():  # hidden states cover every prompt token
-            ends = [end - 1 for end in itertools.accumulate(batch.extend_seq_lens_cpu)]
+        if batch.forward_mode.is_extend():  # hidden states cover every newly extended token
+            ends = list(itertools.accumulate(batch.extend_seq_lens_cpu))
+            starts = [end - length for end, length in zip(ends, batch.extend_seq_lens_cpu)]
         else:
-            ends = range(len(reqs))
+            starts, ends = range(len(reqs)), range(1, len(reqs) + 1)
         engine = self._engine()
         groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in wanted]
         slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, wanted)])
-        plan = StepPlan([], [], [], [])
+        plan = StepPlan()
         for i, group, slot in zip(wanted, groups, slots):
-            rid = reqs[i].rid
+            rid, sampled = reqs[i].rid, samples_tokens(reqs[i])
             counts = self.member_tokens.setdefault(rid, Counter())
             if slot is None:
-                counts["fallback_tokens"] += 1
-                self.fallback_tokens += 1
+                if sampled:
+                    counts["fallback_tokens"] += 1
+                    self.fallback_tokens += 1
                 continue
             self.member_group[rid] = group
+            plan.seen.append((starts[i], ends[i], slot))
+            if not sampled:
+                continue
             counts["esamp_tokens"] += 1
             beta = request_esamp(reqs[i]).beta
             plan.rows.append(i)
-            plan.token_rows.append(ends[i])
+            plan.token_rows.append(ends[i] - 1)
             plan.slots.append(slot)
             plan.betas.append(self.config.beta if beta is None else beta)
-        return plan if plan.rows else None
+        return plan if plan.seen else None
 
     # -- SGLang's Sampler interface -----------------------------------------------------------
     def _preprocess_logits(self, logits: torch.Tensor, sampling_info: Any) -> torch.Tensor:
         return logits if self.preprocessed else super()._preprocess_logits(logits, sampling_info)
-
-    def _sample_from_probs(self, probs, sampling_info, positions, simple_sampling_case):
-        # Stock rows are sampled exactly as a server on the plain backend would.
-        with get_exec().kernel.override(sampling_backend=self.plain_backend):
-            return super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
 
     def forward(self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions, **kwargs):
         args = (logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions)
         plan = None if sampling_info.is_all_greedy else self._plan(logits_output, sampling_info)
         if plan is None:
             return super().forward(*args, **kwargs)
+        device = logits_output.next_token_logits.device
+        seen = plan.seen_pairs(logits_output, device)
+        if not plan.rows:  # only warm-up prefills: learn the prompt, sample stock (tokens are discarded)
+            self.engine.learn(seen)
+            return super().forward(*args, **kwargs)
         logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
-        device = logits.device
         rows = device_tensor(plan.rows, device)
         token_rows = device_tensor(plan.token_rows, device)
         self.pending = PendingRows(
@@ -178,6 +207,7 @@ class ESampBackend(Sampler):
             deep=logits_output.last_hidden_states.index_select(0, token_rows),
             slots=device_tensor(plan.slots, device),
             betas=device_tensor(plan.betas, device, torch.float32),
+            seen=seen,
         )
         self.preprocessed = True
         try:
@@ -195,7 +225,7 @@ class ESampBackend(Sampler):
         if pending is not None:  # flashinfer draws the stock rows; ESamp rows use their own generator
             esamp_tokens = self.engine.sample(
                 pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas,
-                *_rows_of(sampling_info, pending.rows),
+                *_rows_of(sampling_info, pending.rows), seen=pending.seen,
             )
             tokens[pending.rows] = esamp_tokens.to(tokens.dtype)
         return tokens, capture
@@ -212,14 +242,16 @@ class ESampBackend(Sampler):
         temperatures, top_ks, top_ps, min_ps = _rows_of(sampling_info, rows)
         if simple:  # SGLang draws over vocabulary order here
             candidates = filter_probs(probs.index_select(0, rows), top_ks, top_ps, min_ps, self.config.max_candidates)
-            fused = self.engine.fuse(candidates, pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas, temperatures)
+            fused = self.engine.fuse(candidates, pending.logits, pending.shallow, pending.deep, pending.slots,
+                                     pending.betas, temperatures, pending.seen)
             probs[rows] = torch.zeros_like(probs[rows]).scatter_(1, fused.token_ids, fused.weights.to(probs.dtype))
             return sampling_from_probs_torch(probs, sampling_info.sampling_seed, positions)
         vocab, max_top_k, seed = probs.shape[1], sampling_info.max_top_k, sampling_info.sampling_seed
         width = max_top_k if (max_top_k is not None and max_top_k < vocab and seed is None) else 0
         kept = filter_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps, width)
         ours = Candidates(kept.weights.index_select(0, rows), kept.token_ids.index_select(0, rows))
-        fused = self.engine.fuse(ours, pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas, temperatures)
+        fused = self.engine.fuse(ours, pending.logits, pending.shallow, pending.deep, pending.slots,
+                                 pending.betas, temperatures, pending.seen)
         weights = torch.zeros_like(ours.weights)
         weights[:, : fused.weights.shape[1]] = fused.weights
         kept.weights[rows] = weights
@@ -231,7 +263,7 @@ class ESampBackend(Sampler):
 
     # -- lifecycle and observability ---------------------------------------------------------------
     def finish(self, rid: str) -> Optional[dict]:
-        """A request ended (finished or aborted): its stats, and its group slot freed if it was the last."""
+        """A request ended (finished or aborted): its stats; its group is retained if it was the last member."""
         self.released[rid] = None
         if len(self.released) > RELEASED_MEMORY:
             self.released.popitem(last=False)

@@ -10,7 +10,7 @@ from .candidates import Candidates, filter_candidates, filter_probs
 from .config import ESampConfig, ESampConfigError, check_beta
 from .distiller import DistillerBank, svd_init, zero_delta_init
 from .fusion import draw, fuse_candidates, fuse_candidates_torch
-from .sampler import ESampSampler
+from .sampler import ESampSampler, Pairs
 from .training import DistillerTrainer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ESampConfigError",
     "ESampSampler",
     "GroupBank",
+    "Pairs",
     "check_beta",
     "draw",
     "filter_candidates",

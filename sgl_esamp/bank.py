@@ -2,10 +2,15 @@
 
 This is host-side bookkeeping only; the weights themselves live in DistillerBank,
 indexed by the slot numbers handed out here. A group is allocated a slot the first
-time one of its rows is sampled and frees it when its last member leaves. When every
-slot is taken, the least recently used *idle* group (none of its rows in the step
-being assigned) is evicted; if every group is busy, the newcomer's rows fall back to
-plain sampling for this step and the fallback is counted, never raised.
+time one of its rows is seen. When its last member leaves, the group is *retained*:
+its slot keeps the trained Distiller, so a later member of the same group continues
+from it (SGLang prefills an n > 1 prompt in a separate warm-up request that finishes
+before the n samples start; a frontend program's forks make several calls), and it is
+the first to be reclaimed when a slot is needed. When every slot is taken, retained
+groups are evicted first, then the least recently used *idle* group (none of its rows
+in the step being assigned); if every group is busy, the newcomer's rows fall back to
+plain sampling for this step and the fallback is counted, never raised. A reclaimed
+slot is reported fresh, so no state passes from one group to another.
 """
 
 from __future__ import annotations
@@ -71,29 +76,28 @@ class GroupBank:
     def _take_slot(self) -> Optional[int]:
         if self.free_slots:
             return self.free_slots.pop()
-        for key, state in self.groups.items():  # least recently used first
-            if state.last_step < self.step:
-                del self.groups[key]
-                self.stats.groups_evicted += 1
-                return state.slot
+        idle = [(key, state) for key, state in self.groups.items() if state.last_step < self.step]  # LRU first
+        retained = [(key, state) for key, state in idle if not state.members]
+        for key, state in retained or idle:
+            del self.groups[key]
+            self.stats.groups_evicted += 1
+            return state.slot
         return None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def leave(self, group: Hashable, member: Hashable) -> Optional[int]:
-        """A member finished or was aborted; returns the slot if that freed the group."""
+    def leave(self, group: Hashable, member: Hashable) -> bool:
+        """A member finished or was aborted; True if that left the group retained (no members)."""
         state = self.groups.get(group)
         if state is None:
-            return None
+            return False
         state.members.discard(member)
-        if state.members:
-            return None
-        del self.groups[group]
-        self.free_slots.append(state.slot)
-        return state.slot
+        return not state.members
 
     def slot_of(self, group: Hashable) -> Optional[int]:
         state = self.groups.get(group)
         return None if state is None else state.slot
 
     def occupancy(self) -> dict:
-        return {"slots_total": self.num_slots, "slots_used": len(self.groups), **self.stats.as_dict()}
+        retained = sum(1 for state in self.groups.values() if not state.members)
+        return {"slots_total": self.num_slots, "slots_used": len(self.groups) - retained,
+                "slots_retained": retained, **self.stats.as_dict()}

@@ -5,13 +5,15 @@ Per step, for the rows that use ESamp:
      training step has landed: a stream wait, not a host wait);
   2. keep SGLang's candidate set of softmax(z / T) under top-k/top-p/min-p;
   3. fuse on the candidates with d = W_head[c] · ŷ and draw the token;
-  4. queue one training step on the pairs (x, y) just seen (y: the final hidden state).
+  4. queue one training step on the pairs (x, y) the forward step just saw (y: the
+     final hidden state): the sampled rows' own in a decode step, every prompt token
+     of the group in a prefill step.
 All of it runs on device tensors indexed by slot, with no loop over rows or groups.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -25,9 +27,20 @@ from .training import DistillerTrainer
 Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_ids) -> tokens
 
 
-def device_tensor(values: Sequence, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Host list -> device tensor without blocking the host (pinned, non-blocking copy on CUDA)."""
-    host = torch.tensor(values, dtype=dtype)
+class Pairs(NamedTuple):
+    """Training pairs of one forward step: shallow x [M, H], deep y [M, H], slot [M] (< 0: skip)."""
+
+    shallow: torch.Tensor
+    deep: torch.Tensor
+    slots: torch.Tensor
+
+
+def device_tensor(values: Sequence | torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host values -> device tensor without blocking the host (pinned, non-blocking copy on CUDA)."""
+    if isinstance(values, torch.Tensor):
+        host = values if dtype is None else values.to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
@@ -73,7 +86,12 @@ class ESampSampler:
         return slots
 
     def release(self, group: Hashable, member: Hashable) -> None:
+        """A member left; the group's trained slot is kept for its later members until reclaimed."""
         self.groups.leave(group, member)
+
+    def learn(self, pairs: Pairs) -> None:
+        """Queue one training step on pairs seen without sampling (e.g. a prompt prefilled alone)."""
+        self.trainer.step_async(*pairs)
 
     # -- device side: one step -----------------------------------------------------------
     @torch.no_grad()
@@ -86,13 +104,16 @@ class ESampSampler:
         slots: torch.Tensor,
         betas: torch.Tensor,
         temperatures: torch.Tensor,
+        seen: Optional[Pairs] = None,
     ) -> Candidates:
         """Steps 1, 3 (without the draw) and 4 for rows whose kept set is already known.
 
         logits [N, V] are pre-temperature; shallow/deep [N, H] are the source layer's
         block output and the final hidden state of the same tokens. Rows with slot < 0
-        keep their plain weights (β = 0) and are not trained on. Returns the fused,
-        unnormalised weights over the candidates' ranks, limited to `max_candidates`.
+        keep their plain weights (β = 0) and are not trained on. `seen` are the pairs
+        to train on (default: the rows' own); they are learnt after this prediction.
+        Returns the fused, unnormalised weights over the candidates' ranks, limited to
+        `max_candidates`.
         """
         cap = self.config.max_candidates
         if 0 < cap < candidates.weights.shape[1]:
@@ -101,7 +122,7 @@ class ESampSampler:
         prediction = self.distillers.forward(shallow, slots)
         betas = torch.where(slots >= 0, betas.float(), 0.0)
         weights = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures)
-        self.trainer.step_async(shallow, deep, slots)
+        self.trainer.step_async(*(seen if seen is not None else Pairs(shallow, deep, slots)))
         return Candidates(weights, candidates.token_ids)
 
     def sample(
@@ -116,11 +137,12 @@ class ESampSampler:
         top_ps: torch.Tensor,
         min_ps: torch.Tensor,
         draw_tokens: Optional[Draw] = None,
+        seen: Optional[Pairs] = None,
     ) -> torch.Tensor:
         """Tokens [N]: SGLang's kept set, fused, drawn (by `draw_tokens` if given, else
         multinomial with this sampler's own generator)."""
         candidates = filter_candidates(logits, temperatures, top_ks, top_ps, min_ps, self.config.max_candidates)
-        fused = self.fuse(candidates, logits, shallow, deep, slots, betas, temperatures)
+        fused = self.fuse(candidates, logits, shallow, deep, slots, betas, temperatures, seen)
         if draw_tokens is not None:
             return draw_tokens(*fused)
         return draw(*fused, generator=self.generator)
@@ -137,6 +159,7 @@ class ESampSampler:
         return {
             "slot": slot,
             "train_steps": steps,
+            "train_pairs": int(self.trainer.pairs[slot]),
             "last_loss": float(self.trainer.last_loss[slot]) if steps else None,
             "mean_loss": float(self.trainer.loss_sum[slot]) / steps if steps else None,
         }

@@ -36,6 +36,7 @@ class DistillerTrainer:
         self.exp_avg = {k: torch.zeros_like(p) for k, p in bank.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in bank.params.items()}
         self.steps = torch.zeros(S, dtype=torch.int64, device=dev)
+        self.pairs = torch.zeros(S, dtype=torch.int64, device=dev)  # (x, y) pairs learnt, all steps
         self.last_loss = torch.zeros(S, dtype=torch.float32, device=dev)
         self.loss_sum = torch.zeros(S, dtype=torch.float64, device=dev)
         self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(dev) if dev.type == "cuda" else None
@@ -49,7 +50,7 @@ class DistillerTrainer:
         for state in (self.exp_avg, self.exp_avg_sq):
             for name, moment in state.items():
                 moment.index_fill_(self.bank.PARAM_SLOT_DIM[name], slots, 0)
-        for stat in (self.steps, self.last_loss, self.loss_sum):
+        for stat in (self.steps, self.pairs, self.last_loss, self.loss_sum):
             stat.index_fill_(0, slots, 0)
 
     # -- the step -------------------------------------------------------------------
@@ -77,6 +78,7 @@ class DistillerTrainer:
             grads = torch.autograd.grad(loss, list(params.values()))
         active = counts > 0
         self.steps += active.long()
+        self.pairs += counts.long()
         self._adam(dict(zip(params, grads)), active, slots)
         self.last_loss.copy_(torch.where(active, per_slot.float(), self.last_loss))
         self.loss_sum += torch.where(active, per_slot.double(), 0.0)

@@ -1,18 +1,32 @@
 from sgl_esamp import GroupBank
 
 
-def test_group_gets_one_slot_shared_by_members_and_frees_on_last_leave():
+def test_group_gets_one_slot_shared_by_members_and_is_retained_after_last_leave():
     bank = GroupBank(2)
     bank.begin_step()
     assert bank.slot_for("g", "a") == bank.slot_for("g", "b") == 0
     assert bank.take_fresh_slots() == [0]
     assert bank.slot_for("h", "c") == 1
-    assert bank.leave("g", "a") is None
-    assert bank.leave("g", "b") == 0
-    assert bank.occupancy()["slots_used"] == 1
+    assert bank.leave("g", "a") is False
+    assert bank.leave("g", "b") is True
+    assert bank.occupancy()["slots_used"] == 1 and bank.occupancy()["slots_retained"] == 1
     bank.begin_step()
-    assert bank.slot_for("k", "d") == 0  # freed slot is reused ...
-    assert bank.take_fresh_slots() == [1, 0]  # ... and reported fresh so it gets reset
+    assert bank.slot_for("g", "later") == 0  # the same group comes back to its trained slot ...
+    assert bank.take_fresh_slots() == [1]  # ... which is not reset
+    assert bank.occupancy()["slots_retained"] == 0
+
+
+def test_retained_group_is_reclaimed_first_and_reported_fresh():
+    bank = GroupBank(2)
+    bank.begin_step()
+    bank.slot_for("busy", "a")
+    bank.slot_for("done", "b")
+    bank.leave("done", "b")
+    assert bank.take_fresh_slots() == [0, 1]
+    bank.begin_step()  # both groups are idle this step; "busy" is older but still has a member
+    assert bank.slot_for("k", "d") == 1  # the retained group's slot is reused ...
+    assert bank.take_fresh_slots() == [1]  # ... and reported fresh so it gets reset
+    assert bank.slot_of("done") is None and bank.slot_of("busy") == 0
 
 
 def test_full_bank_evicts_least_recently_used_idle_group():

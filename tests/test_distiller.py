@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgl_esamp import DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, svd_init, zero_delta_init
+from sgl_esamp import DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, Pairs, filter_candidates, svd_init, zero_delta_init
 
 H, R = 24, 4
 
@@ -97,7 +97,7 @@ def test_loss_falls_on_a_repeated_stream_and_prediction_changes():
     assert not torch.allclose(trainer.bank.forward(x, slots), before)
 
 
-def test_freed_then_reused_slot_starts_fresh():
+def test_reclaimed_slot_starts_fresh():
     sampler = ESampSampler(ESampConfig(num_slots=1, rank=R, lr=1e-2), torch.randn(100, H))
     args = lambda n: (torch.randn(n, 100), torch.randn(n, H), torch.randn(n, H))
     plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
@@ -108,12 +108,12 @@ def test_freed_then_reused_slot_starts_fresh():
     assert sampler.group_stats("g")["train_steps"] == 3
     sampler.release("g", "a")
     sampler.release("g", "b")
-    assert sampler.stats()["slots_used"] == 0
-    assert sampler.assign_slots([("h", "c")]) == [0]
+    assert sampler.stats()["slots_used"] == 0 and sampler.stats()["slots_retained"] == 1
+    assert sampler.assign_slots([("h", "c")]) == [0]  # the only slot: g's is reclaimed
     for name, value in sampler.distillers.params.items():
         assert torch.equal(value, fresh[name])
         assert not sampler.trainer.exp_avg[name].any() and not sampler.trainer.exp_avg_sq[name].any()
-    assert sampler.group_stats("h") == {"slot": 0, "train_steps": 0, "last_loss": None, "mean_loss": None}
+    assert sampler.group_stats("h") == {"slot": 0, "train_steps": 0, "train_pairs": 0, "last_loss": None, "mean_loss": None}
 
 
 def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
@@ -159,3 +159,25 @@ def test_training_works_when_the_engine_samples_under_inference_mode():
         plain = dict(temperatures=torch.ones(1), top_ks=torch.full((1,), 1 << 30), top_ps=torch.ones(1), min_ps=torch.zeros(1))
         sampler.sample(torch.randn(1, 50), torch.randn(1, H), torch.randn(1, H), slots, torch.ones(1), **plain)
     assert sampler.group_stats("g")["train_steps"] == 1
+
+
+def test_a_step_predicts_before_it_learns_the_pairs_it_saw():
+    # A prefill step learns every prompt token, not only the sampled rows' own pairs, and
+    # the sampled token's prediction must come from the Distiller as it was before that step.
+    config = ESampConfig(num_slots=2, rank=R, lr=1e-2, state_dtype="float64")
+    head = torch.randn(50, H)
+    prompt_fed, rows_fed, reference = (ESampSampler(config, head) for _ in range(3))
+    gen = torch.Generator().manual_seed(0)
+    logits, x, y = torch.randn(2, 50, generator=gen), torch.randn(2, H, generator=gen), torch.randn(2, H, generator=gen)
+    prompt = Pairs(torch.randn(10, H, generator=gen), torch.randn(10, H, generator=gen), torch.zeros(10, dtype=torch.long))
+    plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
+    candidates = filter_candidates(logits, *plain.values())
+    outs = []
+    for sampler, seen in ((prompt_fed, prompt), (rows_fed, None)):
+        slots = torch.tensor(sampler.assign_slots([("g", "a"), ("g", "b")]))
+        outs.append(sampler.fuse(candidates, logits, x, y, slots, torch.ones(2), plain["temperatures"], seen))
+    assert torch.equal(outs[0].weights, outs[1].weights)  # same prediction: learning comes after it
+    assert prompt_fed.group_stats("g")["train_pairs"] == 10 and rows_fed.group_stats("g")["train_pairs"] == 2
+    reference.learn(prompt)
+    for name, value in prompt_fed.distillers.params.items():
+        assert torch.equal(value, reference.distillers.params[name])  # it learnt exactly the prompt pairs

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from sgl_esamp.eval import metrics, reasoning
-from sgl_esamp.eval.methods import methods
+from sgl_esamp.eval.methods import PAIRED_BASELINE, TEMPERATURE, methods
 
 
 def test_quick_run_outputs(tiny_model, tmp_path):
@@ -52,3 +54,11 @@ def test_extract_answer():
     assert metrics.ks(8) == [1, 2, 4, 8] and metrics.ks(6) == [1, 2, 4, 6]
     assert metrics.pass_at_k(4, 0, 2) == 0.0 and metrics.pass_at_k(4, 4, 1) == 1.0
     assert metrics.distinct_n(["a b", "a b"], 1) == 0.5
+
+
+def test_esamp_differs_from_its_paired_baseline_by_the_fusion_alone():
+    ms = {m.name: m for m in methods([0.3], compensated=True)}
+    assert ms["esamp_b0.3"].sampling_params == ms[PAIRED_BASELINE].sampling_params
+    assert ms["esamp_b0.3"].custom_params == {"sampling": "esamp", "beta": 0.3}
+    assert ms["esamp_b0.3_tc"].sampling_params["temperature"] == pytest.approx(TEMPERATURE * 1.3)
+    assert ms["esamp_b0.3_tc"].beta == 0.3 and ms[PAIRED_BASELINE].beta is None

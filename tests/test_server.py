@@ -46,6 +46,18 @@ def test_n_samples_of_one_request_share_one_group(esamp_server):
     assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)
 
 
+def test_group_learns_the_prompt_prefilled_by_the_n_samples_warm_up(esamp_server):
+    # SGLang prefills an n > 1 prompt in a warm-up request that finishes before the samples
+    # start, which then extend one cached token each: the group must learn that prefill.
+    prompt = "Retained groups: " + " ".join(f"word{i}" for i in range(40))
+    outs = generate(esamp_server, prompt, n=3, max_new_tokens=4, sampling_seed=3)
+    infos = [o["meta_info"]["esamp"] for o in outs]
+    decoded = sum(i["esamp_tokens"] for i in infos)
+    assert decoded < outs[0]["meta_info"]["prompt_tokens"]
+    assert max(i["train_pairs"] for i in infos) >= outs[0]["meta_info"]["prompt_tokens"] + decoded - len(outs)
+    assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0 and bank(esamp_server)["slots_retained"] >= 1)
+
+
 def test_greedy_requests_are_untouched(esamp_server, non_esamp_server):
     got = generate(esamp_server, PROMPTS[2], temperature=0.0, custom_params={"sampling": "esamp"})
     want = generate(non_esamp_server, PROMPTS[2], temperature=0.0)
@@ -53,7 +65,7 @@ def test_greedy_requests_are_untouched(esamp_server, non_esamp_server):
     assert "esamp" not in got["meta_info"]
 
 
-def test_abort_frees_the_group_slot(esamp_server):
+def test_abort_releases_the_group_slot(esamp_server):
     rid = "esamp-abort-test"
     body = {"text": PROMPTS[3], "rid": rid, "sampling_params": {"temperature": 0.9, "max_new_tokens": 1500, "ignore_eos": True}}
     thread = threading.Thread(target=requests.post, args=(esamp_server.url + "/generate",), kwargs={"json": body, "timeout": 300})

@@ -1,17 +1,16 @@
-"""CLI: python -m sgl_esamp.eval [--quick] [--tune-betas B ...] [--url URL] --out DIR"""
+"""CLI: python -m sgl_esamp.eval [--quick] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import metrics, reasoning, report, writing
 from .client import Job, run_jobs, server
-from .methods import Method, methods
+from .methods import PAIRED_BASELINE, Method, methods
 
 QUICK = dict(n=4, problems=2, prompts=2, reasoning_tokens=32, writing_tokens=32, betas=[0.3],
              dev_problems=2, dev_prompts=1)
@@ -40,7 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dev-prompts", type=int, help="WritingBench prompts when tuning on dev")
     p.add_argument("--tune-betas", type=float, nargs="+", default=None,
                    help="first pick the best of these betas on the dev split, then run --split test with it")
+    p.add_argument("--tune-layers", type=int, nargs="+", default=None,
+                   help="also tune the source layer on dev (one server per layer; not with --url)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method names")
+    p.add_argument("--compensated", action="store_true",
+                   help="also run each ESamp beta at temperature T*(1+beta) (method esamp_b{beta}_tc)")
     p.add_argument("--problem-seed", type=int, default=1234, help="reasoning-gym seed of dev; test uses seed+1")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the WritingBench dev/test partition")
     p.add_argument("--sampling-seed", type=int, default=0, help="server --random-seed (when it starts the server)")
@@ -160,23 +163,48 @@ def evaluate(args: argparse.Namespace, ms: list[Method], split: str, url: str, m
                                           "prompts": rows}
         bar.close()
 
+    if any(m.name == PAIRED_BASELINE for m in ms):
+        results["paired"] = {"baseline": PAIRED_BASELINE, "methods": metrics.paired_vs_baseline(results, PAIRED_BASELINE)}
     report.write_json(results, out / "results.json")
     (out / "results.md").write_text(report.markdown(results))
     report.plots(results, out)
     return results
 
 
-def best_beta(results: dict, betas: list[float]) -> float:
-    """Highest mean pass@n on dev reasoning; ties (and writing-only runs) go to the higher Vendi."""
+def dev_score(results: dict, name: str) -> tuple[float, float]:
+    """(mean pass@n on dev reasoning, mean Vendi on dev writing) of one method; higher is better."""
     n = str(results["config"]["n"])
+    p = results.get("reasoning", {}).get(name, {}).get("all", {}).get("pass_at_k", {}).get(n, 0.0)
+    v = results.get("writing", {}).get(name, {}).get("mean", {}).get("vendi", 0.0)
+    return round(p, 3), v
 
-    def score(beta: float) -> tuple:
-        name = f"esamp_b{beta:g}"
-        p = results.get("reasoning", {}).get(name, {}).get("all", {}).get("pass_at_k", {}).get(n, 0.0)
-        v = results.get("writing", {}).get(name, {}).get("mean", {}).get("vendi", 0.0)
-        return (round(p, 3), v)
 
-    return max(betas, key=score)
+def tune(args: argparse.Namespace, server_args: Callable[[int], list[str]]) -> tuple[int, float]:
+    """Best (source layer, beta) on the dev split: highest pass@n, ties to the higher Vendi.
+
+    One server per layer; each dev run also has the paired baseline, as a reference."""
+    layers = args.tune_layers or [args.source_layer]
+    betas = args.tune_betas or args.betas
+    if args.url and len(layers) > 1:
+        raise SystemExit("--tune-layers starts one server per layer: drop --url")
+    dev_ms = [m for m in methods(betas) if m.name == PAIRED_BASELINE or m.beta is not None]
+    scores: dict[tuple[int, float], tuple[float, float]] = {}
+    lines = ["| source layer | method | dev pass@n | dev Vendi |", "|---|---|---|---|"]
+    for layer in layers:
+        dev_args = argparse.Namespace(**{**vars(args), "problems": args.dev_problems, "prompts": args.dev_prompts,
+                                         "source_layer": layer})
+        with server(args.model, args.url, server_args(layer)) as url:
+            dev = evaluate(dev_args, dev_ms, "dev", url, args.model, args.out / "dev" / f"layer{layer}")
+        for m in dev_ms:
+            score = dev_score(dev, m.name)
+            lines.append(f"| {layer} | {m.name} | {score[0]:.3f} | {score[1]:.3f} |")
+            if m.beta is not None:
+                scores[(layer, m.beta)] = score
+    best = max(scores, key=scores.get)
+    lines += ["", f"Best on dev: source layer {best[0]}, beta {best[1]:g}"]
+    (args.out / "dev" / "tuning.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,22 +213,19 @@ def main(argv: list[str] | None = None) -> None:
         from sgl_esamp.default_model import materialize_smollm2
 
         args.model = materialize_smollm2()
-    server_args = ["--esamp-source-layer", str(args.source_layer), "--random-seed", str(args.sampling_seed),
-                   "--max-running-requests", str(max(32, args.concurrency * args.n)), *args.server_arg]
+
+    def server_args(layer: int) -> list[str]:
+        return ["--esamp-source-layer", str(layer), "--random-seed", str(args.sampling_seed),
+                "--max-running-requests", str(max(32, args.concurrency * args.n)), *args.server_arg]
 
     def pick(ms: list[Method]) -> list[Method]:
         return [m for m in ms if args.methods is None or m.name in args.methods]
 
-    with server(args.model, args.url, server_args) as url:
-        if args.tune_betas:
-            # Tuning sees only the dev split: temperature (reference) and ESamp at each candidate beta.
-            dev_ms = [m for m in methods(args.tune_betas) if m.name == "temperature" or m.beta is not None]
-            dev_args = argparse.Namespace(**{**vars(args), "problems": args.dev_problems, "prompts": args.dev_prompts})
-            dev = evaluate(dev_args, dev_ms, "dev", url, args.model, args.out / "dev")
-            args.betas = [best_beta(dev, args.tune_betas)]
-            print(f"dev: best beta = {args.betas[0]:g}")
-            args.split = "test"
-        results = evaluate(args, pick(methods(args.betas)), args.split, url, args.model, args.out / args.split)
+    if args.tune_betas or args.tune_layers:  # tuning sees only the dev split
+        args.source_layer, beta = tune(args, server_args)
+        args.betas, args.split = [beta], "test"
+    with server(args.model, args.url, server_args(args.source_layer)) as url:
+        results = evaluate(args, pick(methods(args.betas, compensated=args.compensated)), args.split, url, args.model, args.out / args.split)
     print(report.markdown(results))
     print(f"wrote {args.out / args.split}")
 

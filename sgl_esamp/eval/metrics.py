@@ -84,3 +84,42 @@ class Perplexity:
         valid = targets != -100
         per_seq = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
         return [float(v) for v in per_seq.exp()]
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over paired items (problems or prompts), with a 95% percentile
+    bootstrap interval over items (scipy.stats.bootstrap)."""
+    from scipy.stats import bootstrap
+
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    mean = float(diff.mean())
+    if len(diff) < 2 or np.all(diff == diff[0]):  # no spread: the interval is the point
+        return {"mean": mean, "low": mean, "high": mean, "items": len(diff)}
+    ci = bootstrap((diff,), np.mean, n_resamples=10000, method="percentile", random_state=seed).confidence_interval
+    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "items": len(diff)}
+
+
+def paired_vs_baseline(results: dict, baseline: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Every ESamp method minus `baseline`, item by item: pass@1 and pass@n per reasoning
+    problem (all tasks pooled), Vendi and median perplexity per writing prompt."""
+    n = str(results["config"]["n"])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, method in results["methods"].items():
+        if method["custom_params"].get("sampling") != "esamp":
+            continue
+        rows: dict[str, dict[str, float]] = {}
+        reasoning = results.get("reasoning", {})
+        if name in reasoning and baseline in reasoning:
+            tasks = results["config"]["tasks"]
+            for k in ("1", n):
+                ours = [p["pass_at_k"][k] for t in tasks for p in reasoning[name][t]["problems"]]
+                theirs = [p["pass_at_k"][k] for t in tasks for p in reasoning[baseline][t]["problems"]]
+                rows[f"pass@{k}"] = paired_difference(ours, theirs)
+        writing = results.get("writing", {})
+        if name in writing and baseline in writing:
+            for field in ("vendi", "median_perplexity"):
+                rows[field] = paired_difference([p[field] for p in writing[name]["prompts"]],
+                                                [p[field] for p in writing[baseline]["prompts"]])
+        if rows:
+            out[name] = rows
+    return out

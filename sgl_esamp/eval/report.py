@@ -42,6 +42,17 @@ def markdown(results: dict[str, Any]) -> str:
                                              _f(m["distinct_2"]), _f(m["median_perplexity"], 2),
                                              _f(m["mean_perplexity"], 2)]) + " |")
         lines.append("")
+    paired = results.get("paired")
+    if paired:
+        base = paired["baseline"]
+        fields = sorted({f for rows in paired["methods"].values() for f in rows}, key=lambda f: (f[0] != "p", f))
+        lines += [f"**ESamp minus {base}** (paired by problem / prompt; mean [95% bootstrap interval])", "",
+                  "| method | " + " | ".join(f"Δ {f}" for f in fields) + " |", "|---|" + "---|" * len(fields)]
+        for name, rows in paired["methods"].items():
+            cells = [f"{_f(rows[f]['mean'])} [{_f(rows[f]['low'])}, {_f(rows[f]['high'])}]" if f in rows else "–"
+                     for f in fields]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     stats = results.get("esamp_stats")
     if stats:
         lines += ["**ESamp Distiller** (per request group, from meta_info)", "",
