@@ -58,8 +58,9 @@ class StepPlan:
         """Every token the step's ESamp requests extended (the whole new prompt part in a prefill)."""
         index = device_tensor(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
         slots = device_tensor(torch.cat([torch.full((end - start,), slot) for start, end, slot in self.seen]), device)
+        distinct = device_tensor(sorted({slot for *_, slot in self.seen}), device)
         return Pairs(logits_output.hidden_states.index_select(0, index),
-                     logits_output.last_hidden_states.index_select(0, index), slots)
+                     logits_output.last_hidden_states.index_select(0, index), slots, distinct)
 
 
 def _plain_backend() -> str:

@@ -28,11 +28,13 @@ Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_i
 
 
 class Pairs(NamedTuple):
-    """Training pairs of one forward step: shallow x [M, H], deep y [M, H], slot [M] (< 0: skip)."""
+    """Training pairs of one forward step: shallow x [M, H], deep y [M, H], slot [M] (< 0: skip),
+    and, when known, the distinct slots among them (only those are updated)."""
 
     shallow: torch.Tensor
     deep: torch.Tensor
     slots: torch.Tensor
+    distinct: Optional[torch.Tensor] = None
 
 
 def device_tensor(values: Sequence | torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

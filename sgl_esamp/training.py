@@ -66,8 +66,12 @@ class DistillerTrainer:
         per_slot = torch.zeros(S, device=x.device, dtype=self.bank.dtype).index_add_(0, slot, row_mse * weight)
         return per_slot.sum(), per_slot, counts
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
-        """One optimizer step on the pairs (x_i, y_i) of slot slots[i] (rows with slot < 0 ignored)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, distinct: Optional[torch.Tensor] = None) -> None:
+        """One optimizer step on the pairs (x_i, y_i) of slot slots[i] (rows with slot < 0 ignored).
+
+        distinct: the rows' slots without repeats, when the caller knows them (the host
+        does: it assigned them); then only those slots' parameters are updated, however
+        many rows (a prefill has one row per prompt token) share them."""
         # Engines may sample under torch.inference_mode (vLLM; SGLang with
         # SGLANG_ENABLE_TORCH_INFERENCE_MODE=1), where enable_grad alone records nothing.
         with torch.inference_mode(False), torch.enable_grad():
@@ -79,21 +83,22 @@ class DistillerTrainer:
         active = counts > 0
         self.steps += active.long()
         self.pairs += counts.long()
-        self._adam(dict(zip(params, grads)), active, slots)
+        if distinct is None and slots.numel() < self.bank.num_slots:
+            distinct = slots.clamp_min(0)  # repeats are harmless, only wasteful
+        self._adam(dict(zip(params, grads)), active, distinct)
         self.last_loss.copy_(torch.where(active, per_slot.float(), self.last_loss))
         self.loss_sum += torch.where(active, per_slot.double(), 0.0)
 
     @torch.no_grad()
-    def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor, slots: Optional[torch.Tensor] = None) -> None:
-        """Masked per-slot Adam. With fewer rows than slots, only the rows' slots are gathered,
-        updated and written back (static shapes, no host sync; a slot listed by several rows
-        is written several times with identical values); otherwise every slot, in place."""
+    def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor, touched: Optional[torch.Tensor] = None) -> None:
+        """Masked per-slot Adam. If `touched` lists slots, only those are gathered, updated and
+        written back (static shapes, no host sync; a slot listed twice is written twice with
+        identical values); otherwise every slot, in place."""
         b1, b2 = ADAM_BETAS
         t = self.steps.clamp_min(1).to(self.bank.dtype)
         bias1, bias2 = 1 - b1**t, 1 - b2**t
-        idx = None
-        if slots is not None and slots.numel() < self.bank.num_slots:
-            idx = slots.clamp_min(0).long()
+        idx = None if touched is None else touched.long()
+        if idx is not None:
             active, bias1, bias2 = active[idx], bias1[idx], bias2[idx]
         for name, param in self.bank.params.items():
             dim = self.bank.PARAM_SLOT_DIM[name]
@@ -112,21 +117,24 @@ class DistillerTrainer:
                     target.index_copy_(dim, idx, value)
 
     # -- asynchronous use -------------------------------------------------------------
-    def step_async(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> None:
+    def step_async(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
+                   distinct: Optional[torch.Tensor] = None) -> None:
         """Queue a step behind the current stream's work; returns at once on CUDA.
 
         The inputs are copied first, so the caller may overwrite its buffers right away.
         """
         if self.stream is None:
-            self.step(x, y, slots)
+            self.step(x, y, slots, distinct)
             return
         x, y, slots = x.detach().clone(), y.detach().clone(), slots.clone()
+        distinct = None if distinct is None else distinct.clone()
         main = torch.cuda.current_stream(self.bank.device)
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            for t in (x, y, slots):
-                t.record_stream(self.stream)
-            self.step(x, y, slots)
+            for t in (x, y, slots, distinct):
+                if t is not None:
+                    t.record_stream(self.stream)
+            self.step(x, y, slots, distinct)
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
 

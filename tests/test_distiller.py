@@ -134,22 +134,24 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
         svd_init(gate, up, down, inter + 1)
 
 
-def test_sparse_adam_on_the_rows_slots_equals_the_update_over_all_slots():
+def test_sparse_adam_on_the_rows_slots_or_distinct_slots_equals_the_update_over_all_slots():
     class AllSlots(DistillerTrainer):
         def _adam(self, grads, active, slots=None):  # force the dense pass over every slot
             super()._adam(grads, active, None)
 
-    sparse = make_trainer(8)
+    by_rows, by_distinct = make_trainer(8), make_trainer(8)
     dense = AllSlots(DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 8, "cpu", torch.float64), 1e-2)
     gen = torch.Generator().manual_seed(3)
     for step in range(6):
-        x, y = torch.randn(3, H, generator=gen, dtype=torch.float64), torch.randn(3, H, generator=gen, dtype=torch.float64)
-        slots = torch.tensor([step % 5, 6, -1])  # a moving slot, a fixed one, a row without slot
-        sparse.step(x, y, slots)
+        x, y = torch.randn(5, H, generator=gen, dtype=torch.float64), torch.randn(5, H, generator=gen, dtype=torch.float64)
+        slots = torch.tensor([step % 5, 6, -1, 6, step % 5])  # a moving slot, a fixed one, a row without slot
+        by_rows.step(x, y, slots)
+        by_distinct.step(x, y, slots, distinct=torch.tensor(sorted({step % 5, 6})))
         dense.step(x, y, slots)
-    for name in sparse.bank.params:
-        assert torch.equal(sparse.bank.params[name], dense.bank.params[name])
-        assert torch.equal(sparse.exp_avg_sq[name], dense.exp_avg_sq[name])
+    for trainer in (by_rows, by_distinct):
+        for name in trainer.bank.params:
+            assert torch.equal(trainer.bank.params[name], dense.bank.params[name])
+            assert torch.equal(trainer.exp_avg_sq[name], dense.exp_avg_sq[name])
 
 
 def test_training_works_when_the_engine_samples_under_inference_mode():
