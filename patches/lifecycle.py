@@ -32,11 +32,8 @@ def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **k
     sampler = model_runner.sampler
     if not isinstance(sampler, ESampBackend):
         return original(model_runner, logits_output, forward_batch, *args, **kwargs)
-    sampler.model_runner, sampler.forward_batch = model_runner, forward_batch
-    try:
+    with sampler.bound(model_runner, forward_batch):
         return original(model_runner, logits_output, forward_batch, *args, **kwargs)
-    finally:
-        sampler.forward_batch = None
 
 
 def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):

@@ -7,10 +7,11 @@ call, and the ESamp state is created on first use from the loaded model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
@@ -54,13 +55,20 @@ class StepPlan:
     betas: list[float] = field(default_factory=list)
     seen: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot) token ranges learnt
 
+    @property
+    def learns_only_sampled_rows(self) -> bool:
+        """True in decode steps (and one-token extends): the pairs learnt are the sampled rows' own."""
+        return len(self.seen) == len(self.rows) and all(end - start == 1 for start, end, _ in self.seen)
+
+    def distinct_slots(self, device: torch.device) -> torch.Tensor:
+        return device_tensor(sorted({slot for *_, slot in self.seen}), device)
+
     def seen_pairs(self, logits_output: Any, device: torch.device) -> Pairs:
         """Every token the step's ESamp requests extended (the whole new prompt part in a prefill)."""
         index = device_tensor(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
         slots = device_tensor(torch.cat([torch.full((end - start,), slot) for start, end, slot in self.seen]), device)
-        distinct = device_tensor(sorted({slot for *_, slot in self.seen}), device)
         return Pairs(logits_output.hidden_states.index_select(0, index),
-                     logits_output.last_hidden_states.index_select(0, index), slots, distinct)
+                     logits_output.last_hidden_states.index_select(0, index), slots, self.distinct_slots(device))
 
 
 def _plain_backend() -> str:
@@ -128,16 +136,22 @@ class ESampBackend(Sampler):
             )
         return self.engine
 
+    @contextlib.contextmanager
+    def bound(self, model_runner: Any, forward_batch: Any) -> Iterator[None]:
+        """The batch being sampled or learnt, for the duration of one call (SGLang passes none)."""
+        self.model_runner, self.forward_batch = model_runner, forward_batch
+        try:
+            yield
+        finally:
+            self.forward_batch = None
+
     def learn_prefill_only(self, model_runner: Any, logits_output: Any, forward_batch: Any) -> None:
         """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that
         cache a prompt before its samples start): their groups learn the prompt here."""
-        self.model_runner, self.forward_batch = model_runner, forward_batch
-        try:
+        with self.bound(model_runner, forward_batch):
             plan = self._plan(logits_output, forward_batch.sampling_info)
             if plan is not None:
                 self.engine.learn(plan.seen_pairs(logits_output, logits_output.hidden_states.device))
-        finally:
-            self.forward_batch = None
 
     def _plan(self, logits_output: Any, sampling_info: Any) -> Optional[StepPlan]:
         batch = self.forward_batch
@@ -194,19 +208,25 @@ class ESampBackend(Sampler):
         if plan is None:
             return super().forward(*args, **kwargs)
         device = logits_output.next_token_logits.device
-        seen = plan.seen_pairs(logits_output, device)
         if not plan.rows:  # only warm-up prefills: learn the prompt, sample stock (tokens are discarded)
-            self.engine.learn(seen)
+            self.engine.learn(plan.seen_pairs(logits_output, device))
             return super().forward(*args, **kwargs)
         logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
         rows = device_tensor(plan.rows, device)
         token_rows = device_tensor(plan.token_rows, device)
+        shallow = logits_output.hidden_states.index_select(0, token_rows)
+        deep = logits_output.last_hidden_states.index_select(0, token_rows)
+        slots = device_tensor(plan.slots, device)
+        if plan.learns_only_sampled_rows:  # decode: no second gather of the same rows
+            seen = Pairs(shallow, deep, slots, plan.distinct_slots(device))
+        else:
+            seen = plan.seen_pairs(logits_output, device)
         self.pending = PendingRows(
             rows=rows,
             logits=logits.index_select(0, rows),  # pre-temperature: the stock path edits logits in place
-            shallow=logits_output.hidden_states.index_select(0, token_rows),
-            deep=logits_output.last_hidden_states.index_select(0, token_rows),
-            slots=device_tensor(plan.slots, device),
+            shallow=shallow,
+            deep=deep,
+            slots=slots,
             betas=device_tensor(plan.betas, device, torch.float32),
             seen=seen,
         )

@@ -4,7 +4,6 @@ Checks that the outputs are complete and well-formed, not the numbers (a random 
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,11 +11,11 @@ import pytest
 
 from sgl_esamp.eval import metrics, reasoning
 from sgl_esamp.eval.methods import PAIRED_BASELINE, TEMPERATURE, methods
+from sgl_esamp.patches.launch import server_env
 
 
 def test_quick_run_outputs(tiny_model, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["HF_HUB_OFFLINE"] = "1"
+    env = {**server_env(), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "sgl_esamp.eval", "--quick", "--model", str(tiny_model), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
