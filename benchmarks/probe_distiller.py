@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sgl_esamp import ESampConfig, ESampSampler, filter_candidates
-from sgl_esamp.default_model import materialize_smollm2
+from sgl_esamp.tools.default_model import materialize_smollm2
 
 PROMPTS = {
     "writing": "Write a short poem about a lighthouse keeper who has never seen the sea.",

@@ -37,7 +37,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         url = args.url
         if url is None:
-            from sgl_esamp.default_model import materialize_smollm2
+            from sgl_esamp.tools.default_model import materialize_smollm2
             from sgl_esamp.patches.launch import launch
 
             print("starting SGLang with --sampler esamp on SmolLM2-135M-Instruct (about a minute on a CPU)...")

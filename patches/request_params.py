@@ -1,9 +1,12 @@
 """Per-request ESamp settings, carried in SGLang's `custom_params`.
 
-    {"custom_params": {"sampling": "esamp" | "plain", "beta": 0.7, "group_id": "..."}}
+    {"custom_params": {"sampling": "esamp" | "plain", "beta": 0.7, "variant": "reference" | "latent",
+                       "group_id": "..."}}
 
 On a server started with `--sampler esamp`, every sampled (temperature > 0) request
-uses ESamp unless it says `"sampling": "plain"`; `beta` overrides the server's. Rows
+uses ESamp unless it says `"sampling": "plain"`; `beta` and `variant` override the
+server's (each variant has its own bank of Distillers, so requests of different
+variants never share one, whatever their group id). Rows
 sharing a `group_id` share one Distiller; requests without one get a fresh id here,
 before `n > 1` expansion, so the n samples of one request form one group.
 """
@@ -14,9 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sgl_esamp import check_beta
+from sgl_esamp import check_beta, check_variant
 
-SAMPLING_KEY, BETA_KEY, GROUP_KEY = "sampling", "beta", "group_id"
+SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
 SAMPLING_CHOICES = ("esamp", "plain")
 MAX_GROUP_ID_LEN = 256
 START_HINT = "start the server with `python -m sglang.launch_server ... --sampler esamp`"
@@ -26,6 +29,7 @@ START_HINT = "start the server with `python -m sglang.launch_server ... --sample
 class RequestESamp:
     enabled: bool
     beta: Optional[float]  # None: the server's beta
+    variant: Optional[str]  # None: the server's variant
     group: Optional[str]
 
 
@@ -37,12 +41,14 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
         raise ValueError(f"custom_params.{SAMPLING_KEY}={sampling!r} is invalid: allowed 'esamp' or 'plain'")
     if BETA_KEY in params:
         check_beta(params[BETA_KEY], field=f"custom_params.{BETA_KEY}")
+    if VARIANT_KEY in params:
+        check_variant(params[VARIANT_KEY], field=f"custom_params.{VARIANT_KEY}")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
         raise ValueError(
             f"custom_params.{GROUP_KEY}={group!r} is invalid: allowed a string of 1 to {MAX_GROUP_ID_LEN} characters"
         )
-    if not server_is_esamp and (sampling == "esamp" or BETA_KEY in params):
+    if not server_is_esamp and (sampling == "esamp" or BETA_KEY in params or VARIANT_KEY in params):
         raise ValueError(f"custom_params.{SAMPLING_KEY}='esamp' needs an ESamp server: {START_HINT}")
 
 
@@ -58,4 +64,4 @@ def resolve(custom_params: Optional[dict], sampled: bool) -> RequestESamp:
     params = custom_params or {}
     enabled = sampled and params.get(SAMPLING_KEY, "esamp") == "esamp"
     beta = params.get(BETA_KEY)
-    return RequestESamp(enabled, None if beta is None else float(beta), params.get(GROUP_KEY))
+    return RequestESamp(enabled, None if beta is None else float(beta), params.get(VARIANT_KEY), params.get(GROUP_KEY))

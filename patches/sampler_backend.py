@@ -2,7 +2,11 @@
 
 SGLang builds the sampler before the model is loaded and calls it without the batch,
 so an AROUND hook on `ModelRunner.sample` binds (model runner, forward batch) for the
-call, and the ESamp state is created on first use from the loaded model.
+call, and each variant's ESamp state is created on first use from the loaded model.
+
+A step, top to bottom (`forward`): plan which rows use which variant and slot (host),
+capture each variant's (x, y) from SGLang's hidden states (taps.py), then, inside
+SGLang's own draw, predict, keep, fuse and draw (`_draw_jointly`), and queue training.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import Candidates, ESampSampler, Pairs, filter_probs
+from sgl_esamp import VARIANTS, Candidates, ESampSampler, Pairs, Variant, filter_probs
 from sgl_esamp.sampler import device_tensor
 
 from . import request_params
 from .server_args import esamp_config
+from .taps import Taps
 
 RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
 
@@ -36,8 +41,9 @@ def _rows_of(sampling_info: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]
 
 @dataclass
 class PendingRows:
-    """ESamp rows of the step being sampled, captured before SGLang's in-place edits."""
+    """ESamp rows of one variant in the step being sampled, captured before SGLang's in-place edits."""
 
+    engine: ESampSampler
     rows: torch.Tensor
     logits: torch.Tensor
     shallow: torch.Tensor
@@ -49,6 +55,8 @@ class PendingRows:
 
 @dataclass
 class StepPlan:
+    """Host-side plan of one variant's rows in a step."""
+
     rows: list[int] = field(default_factory=list)  # batch rows sampled with ESamp
     token_rows: list[int] = field(default_factory=list)  # matching rows of the captured hidden states
     slots: list[int] = field(default_factory=list)
@@ -63,12 +71,14 @@ class StepPlan:
     def distinct_slots(self, device: torch.device) -> torch.Tensor:
         return device_tensor(sorted({slot for *_, slot in self.seen}), device)
 
-    def seen_pairs(self, logits_output: Any, device: torch.device) -> Pairs:
-        """Every token the step's ESamp requests extended (the whole new prompt part in a prefill)."""
+    def seen_pairs(self, states: "StatesOf", device: torch.device) -> Pairs:
+        """Every token the step's requests of this variant extended (the new prompt part in a prefill)."""
         index = device_tensor(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
         slots = device_tensor(torch.cat([torch.full((end - start,), slot) for start, end, slot in self.seen]), device)
-        return Pairs(logits_output.hidden_states.index_select(0, index),
-                     logits_output.last_hidden_states.index_select(0, index), slots, self.distinct_slots(device))
+        return Pairs(*states(index), slots, self.distinct_slots(device))
+
+
+StatesOf = Any  # Callable[[index tensor], (x, y)]: one variant's taps of the forward being sampled
 
 
 def _plain_backend() -> str:
@@ -108,33 +118,42 @@ class ESampBackend(Sampler):
             raise NotImplementedError("--sampler esamp supports tensor parallel size 1 only")
         self.config = esamp_config(get_server_args())
         self.plain_backend = _plain_backend()
-        self.engine: Optional[ESampSampler] = None
+        self.engines: dict[str, ESampSampler] = {}  # per variant, created on first use
+        self.taps: Optional[Taps] = None
         self.model_runner: Any = None
         self.forward_batch: Any = None
         self.preprocessed = False
-        self.pending: Optional[PendingRows] = None
-        self.member_group: dict[str, str] = {}
+        self.pending: Optional[list[PendingRows]] = None
+        self.member_group: dict[str, tuple[str, str]] = {}  # rid -> (variant, group)
         self.member_tokens: dict[str, Counter] = {}
         self.released: OrderedDict[str, None] = OrderedDict()
         self.fallback_tokens = 0
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
-    def _engine(self) -> ESampSampler:
-        if self.engine is None:
+    def _engine(self, variant: Variant) -> ESampSampler:
+        engine = self.engines.get(variant.name)
+        if engine is None:
             model = self.model_runner.model
             vocab = self.model_runner.model_config.vocab_size
+            if self.taps is None:
+                self.taps = Taps(model, self.config, self.model_runner.model_config.num_hidden_layers)
             last_mlp = None
-            if self.config.init == "svd":
+            if self.config.init_for(variant) == "svd":
                 mlp = model.model.layers[-1].mlp
                 last_mlp = (*mlp.gate_up_proj.weight.chunk(2, dim=0), mlp.down_proj.weight)
-            self.engine = ESampSampler(
+            engine = self.engines[variant.name] = ESampSampler(
                 self.config,
                 model.lm_head.weight[:vocab],  # padded to a multiple of 64 in SGLang
-                norm_weight=model.model.norm.weight,
+                variant=variant,
+                target_norm_weight=self.taps.target_norm_weight(variant),
                 last_mlp=last_mlp,
             )
-        return self.engine
+        return engine
+
+    def _states_of(self, variant: Variant, logits_output: Any) -> StatesOf:
+        input_ids = self.forward_batch.input_ids
+        return lambda index: self.taps.states(variant, logits_output, input_ids, index)
 
     @contextlib.contextmanager
     def bound(self, model_runner: Any, forward_batch: Any) -> Iterator[None]:
@@ -149,32 +168,47 @@ class ESampBackend(Sampler):
         """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that
         cache a prompt before its samples start): their groups learn the prompt here."""
         with self.bound(model_runner, forward_batch):
-            plan = self._plan(logits_output, forward_batch.sampling_info)
-            if plan is not None:
-                self.engine.learn(plan.seen_pairs(logits_output, logits_output.hidden_states.device))
+            for variant, plan in self._plan(logits_output, forward_batch.sampling_info).items():
+                self._learn(variant, plan, logits_output)
 
-    def _plan(self, logits_output: Any, sampling_info: Any) -> Optional[StepPlan]:
+    def _learn(self, variant: Variant, plan: StepPlan, logits_output: Any) -> None:
+        device = logits_output.hidden_states.device
+        self.engines[variant.name].learn(plan.seen_pairs(self._states_of(variant, logits_output), device))
+
+    def _plan(self, logits_output: Any, sampling_info: Any) -> dict[Variant, StepPlan]:
+        """Per variant, the rows sampled with ESamp and the token ranges learnt (empty: none)."""
         batch = self.forward_batch
         if sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
-            return None
+            return {}
         reqs = getattr(batch, "_esamp_reqs", None) if batch is not None else None
         if not reqs:
-            return None
+            return {}
         wanted = [
             i for i, req in enumerate(reqs)
             if request_esamp(req).enabled and not req.finished() and req.rid not in self.released
         ]
         if not wanted:
-            return None
+            return {}
         if logits_output.hidden_states is None or logits_output.last_hidden_states is None:
             self.fallback_tokens += len(wanted)
-            return None
+            return {}
         if batch.forward_mode.is_extend():  # hidden states cover every newly extended token
             ends = list(itertools.accumulate(batch.extend_seq_lens_cpu))
             starts = [end - length for end, length in zip(ends, batch.extend_seq_lens_cpu)]
         else:
             starts, ends = range(len(reqs)), range(1, len(reqs) + 1)
-        engine = self._engine()
+        plans: dict[Variant, StepPlan] = {}
+        by_variant: dict[Variant, list[int]] = {}
+        for i in wanted:
+            by_variant.setdefault(VARIANTS[request_esamp(reqs[i]).variant or self.config.variant], []).append(i)
+        for variant, rows in by_variant.items():
+            plan = self._plan_variant(variant, reqs, rows, starts, ends)
+            if plan.seen:
+                plans[variant] = plan
+        return plans
+
+    def _plan_variant(self, variant: Variant, reqs: list, wanted: list[int], starts, ends) -> StepPlan:
+        engine = self._engine(variant)
         groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in wanted]
         slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, wanted)])
         plan = StepPlan()
@@ -186,7 +220,7 @@ class ESampBackend(Sampler):
                     counts["fallback_tokens"] += 1
                     self.fallback_tokens += 1
                 continue
-            self.member_group[rid] = group
+            self.member_group[rid] = (variant.name, group)
             plan.seen.append((starts[i], ends[i], slot))
             if not sampled:
                 continue
@@ -196,7 +230,7 @@ class ESampBackend(Sampler):
             plan.token_rows.append(ends[i] - 1)
             plan.slots.append(slot)
             plan.betas.append(self.config.beta if beta is None else beta)
-        return plan if plan.seen else None
+        return plan
 
     # -- SGLang's Sampler interface -----------------------------------------------------------
     def _preprocess_logits(self, logits: torch.Tensor, sampling_info: Any) -> torch.Tensor:
@@ -204,24 +238,34 @@ class ESampBackend(Sampler):
 
     def forward(self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions, **kwargs):
         args = (logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions)
-        plan = None if sampling_info.is_all_greedy else self._plan(logits_output, sampling_info)
-        if plan is None:
-            return super().forward(*args, **kwargs)
-        device = logits_output.next_token_logits.device
-        if not plan.rows:  # only warm-up prefills: learn the prompt, sample stock (tokens are discarded)
-            self.engine.learn(plan.seen_pairs(logits_output, device))
+        plans = {} if sampling_info.is_all_greedy else self._plan(logits_output, sampling_info)
+        for variant, plan in plans.items():
+            if not plan.rows:  # only warm-up prefills: learn the prompt (their tokens are discarded)
+                self._learn(variant, plan, logits_output)
+        plans = {variant: plan for variant, plan in plans.items() if plan.rows}
+        if not plans:
             return super().forward(*args, **kwargs)
         logits = self._preprocess_logits(logits_output.next_token_logits, sampling_info)
+        self.pending = [self._capture(variant, plan, logits_output, logits) for variant, plan in plans.items()]
+        self.preprocessed = True
+        try:
+            return super().forward(*args, **kwargs)  # reaches _sample_from_probs below
+        finally:
+            self.preprocessed, self.pending = False, None
+
+    def _capture(self, variant: Variant, plan: StepPlan, logits_output: Any, logits: torch.Tensor) -> PendingRows:
+        """One variant's rows: their (x, y), slots, betas and the pairs to learn."""
+        device = logits.device
         rows = device_tensor(plan.rows, device)
-        token_rows = device_tensor(plan.token_rows, device)
-        shallow = logits_output.hidden_states.index_select(0, token_rows)
-        deep = logits_output.last_hidden_states.index_select(0, token_rows)
+        states = self._states_of(variant, logits_output)
+        shallow, deep = states(device_tensor(plan.token_rows, device))
         slots = device_tensor(plan.slots, device)
         if plan.learns_only_sampled_rows:  # decode: no second gather of the same rows
             seen = Pairs(shallow, deep, slots, plan.distinct_slots(device))
         else:
-            seen = plan.seen_pairs(logits_output, device)
-        self.pending = PendingRows(
+            seen = plan.seen_pairs(states, device)
+        return PendingRows(
+            engine=self.engines[variant.name],
             rows=rows,
             logits=logits.index_select(0, rows),  # pre-temperature: the stock path edits logits in place
             shallow=shallow,
@@ -230,28 +274,29 @@ class ESampBackend(Sampler):
             betas=device_tensor(plan.betas, device, torch.float32),
             seen=seen,
         )
-        self.preprocessed = True
-        try:
-            return super().forward(*args, **kwargs)  # reaches _sample_from_probs below
-        finally:
-            self.preprocessed, self.pending = False, None
 
     def _sample_from_probs(self, probs, sampling_info, positions, simple_sampling_case):
         pending, self.pending = self.pending, None
-        if pending is not None and (self.plain_backend == "pytorch" or sampling_info.sampling_seed is not None):
+        if pending and (self.plain_backend == "pytorch" or sampling_info.sampling_seed is not None):
             return self._draw_jointly(pending, probs, sampling_info, positions, simple_sampling_case), None
         # Stock rows are sampled exactly as a server on the plain backend would.
         with get_exec().kernel.override(sampling_backend=self.plain_backend):
             tokens, capture = super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
-        if pending is not None:  # flashinfer draws the stock rows; ESamp rows use their own generator
-            esamp_tokens = self.engine.sample(
-                pending.logits, pending.shallow, pending.deep, pending.slots, pending.betas,
-                *_rows_of(sampling_info, pending.rows), seen=pending.seen,
+        for part in pending or ():  # flashinfer draws the stock rows; ESamp rows use their own generator
+            esamp_tokens = part.engine.sample(
+                part.logits, part.shallow, part.deep, part.slots, part.betas,
+                *_rows_of(sampling_info, part.rows), seen=part.seen,
             )
-            tokens[pending.rows] = esamp_tokens.to(tokens.dtype)
+            tokens[part.rows] = esamp_tokens.to(tokens.dtype)
         return tokens, capture
 
-    def _draw_jointly(self, pending: "PendingRows", probs, sampling_info, positions, simple: bool) -> torch.Tensor:
+    @staticmethod
+    def _fuse(part: PendingRows, kept: Candidates, sampling_info: Any) -> Candidates:
+        """Predict, fuse the kept set and queue training, for one variant's rows."""
+        return part.engine.fuse(kept, part.logits, part.shallow, part.deep, part.slots, part.betas,
+                                _rows_of(sampling_info, part.rows)[0], part.seen)
+
+    def _draw_jointly(self, pending: list[PendingRows], probs, sampling_info, positions, simple: bool) -> torch.Tensor:
         """One draw for the whole batch, as SGLang's torch sampler makes it, ESamp rows reweighted.
 
         The kept set of every row is computed exactly as `top_k_top_p_min_p_sampling_from_probs_torch`
@@ -259,23 +304,23 @@ class ESampBackend(Sampler):
         their fused weights, and the same torch.multinomial (or seeded) call draws all rows: plain rows
         and beta = 0 rows get the very tokens, random stream included, of a server without ESamp.
         """
-        rows = pending.rows
-        temperatures, top_ks, top_ps, min_ps = _rows_of(sampling_info, rows)
         if simple:  # SGLang draws over vocabulary order here
-            candidates = filter_probs(probs.index_select(0, rows), top_ks, top_ps, min_ps, self.config.max_candidates)
-            fused = self.engine.fuse(candidates, pending.logits, pending.shallow, pending.deep, pending.slots,
-                                     pending.betas, temperatures, pending.seen)
-            probs[rows] = torch.zeros_like(probs[rows]).scatter_(1, fused.token_ids, fused.weights.to(probs.dtype))
+            for part in pending:
+                rows = part.rows
+                _, top_ks, top_ps, min_ps = _rows_of(sampling_info, rows)
+                candidates = filter_probs(probs.index_select(0, rows), top_ks, top_ps, min_ps, self.config.max_candidates)
+                fused = self._fuse(part, candidates, sampling_info)
+                probs[rows] = torch.zeros_like(probs[rows]).scatter_(1, fused.token_ids, fused.weights.to(probs.dtype))
             return sampling_from_probs_torch(probs, sampling_info.sampling_seed, positions)
         vocab, max_top_k, seed = probs.shape[1], sampling_info.max_top_k, sampling_info.sampling_seed
         width = max_top_k if (max_top_k is not None and max_top_k < vocab and seed is None) else 0
         kept = filter_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps, width)
-        ours = Candidates(kept.weights.index_select(0, rows), kept.token_ids.index_select(0, rows))
-        fused = self.engine.fuse(ours, pending.logits, pending.shallow, pending.deep, pending.slots,
-                                 pending.betas, temperatures, pending.seen)
-        weights = torch.zeros_like(ours.weights)
-        weights[:, : fused.weights.shape[1]] = fused.weights
-        kept.weights[rows] = weights
+        for part in pending:
+            ours = Candidates(kept.weights.index_select(0, part.rows), kept.token_ids.index_select(0, part.rows))
+            fused = self._fuse(part, ours, sampling_info)
+            weights = torch.zeros_like(ours.weights)
+            weights[:, : fused.weights.shape[1]] = fused.weights
+            kept.weights[part.rows] = weights
         if seed is None:
             index = torch.multinomial(kept.weights, num_samples=1)
         else:
@@ -288,18 +333,27 @@ class ESampBackend(Sampler):
         self.released[rid] = None
         if len(self.released) > RELEASED_MEMORY:
             self.released.popitem(last=False)
-        group = self.member_group.pop(rid, None)
+        member = self.member_group.pop(rid, None)
         counts = self.member_tokens.pop(rid, Counter())
-        if group is None or self.engine is None:
+        if member is None:
             return {"enabled": False, **counts} if counts else None
-        stats = self.engine.group_stats(group) or {}
-        self.engine.release(group, rid)
+        variant, group = member
+        engine = self.engines[variant]
+        stats = engine.group_stats(group) or {}
+        engine.release(group, rid)
         return {"enabled": True, "group_id": group, **stats, **counts}
 
     def server_stats(self) -> dict:
-        bank = self.engine.stats() if self.engine is not None else {"slots_total": self.config.num_slots, "slots_used": 0}
+        """Bank figures summed over the variants' banks (each has `--esamp-slots` slots), and per variant."""
+        by_variant = {name: engine.stats() for name, engine in self.engines.items()}
+        totals = Counter()
+        for bank in by_variant.values():
+            totals.update({k: v for k, v in bank.items() if k != "slots_total"})
         return {
-            **bank,
+            "slots_total": self.config.num_slots * max(1, len(by_variant)),
+            "slots_used": 0,
+            **totals,
+            "by_variant": by_variant,
             "active_members": len(self.member_group),
             "fallback_tokens": self.fallback_tokens,
             "config": dict(self.config.__dict__),

@@ -2,9 +2,9 @@
 
 `--sampler esamp` / `--sampling-backend esamp` must survive SGLang's platform steps
 (CPU and deterministic inference force `pytorch`), and must turn on the capture of
-the two hidden states ESamp reads: SGLang's EAGLE3 aux capture gives the source
-layer's block output in `hidden_states` and, in FULL mode, the final post-norm state
-in `last_hidden_states`, without loading a draft model.
+the hidden states ESamp reads (taps.py): SGLang's EAGLE3 aux capture of the residual
+stream at the layers both variants tap, in `hidden_states`, and, in FULL mode, the
+final post-norm state in `last_hidden_states`, without loading a draft model.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sgl_esamp import ESampConfig, ESampConfigError
 
+from .taps import capture_layer_ids
+
 BACKEND = "esamp"
 CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into subprocesses
 
 # --flag -> (ESampConfig field, type, help)
 OPTIONS = {
+    "--esamp-variant": ("variant", str, "reference (the authors' taps, target, fusion, init, AdamW) or latent "
+                                        "(default reference; a request may ask for the other)"),
     "--esamp-beta": ("beta", float, "exploration strength, 0 = plain sampling (default 0.1; range [0, 10])"),
-    "--esamp-source-layer": ("source_layer", int, "shallow decoder layer whose block output feeds the Distiller (default 0)"),
+    "--esamp-source-layer": ("source_layer", int, "latent variant: decoder layer whose block output feeds the Distiller (default 0)"),
     "--esamp-rank": ("rank", int, "Distiller rank r (default 64)"),
     "--esamp-lr": ("lr", float, "Distiller learning rate (default 1e-3)"),
     "--esamp-slots": ("num_slots", int, "concurrent request groups with their own Distiller (default 64)"),
-    "--esamp-init": ("init", str, "Distiller initialisation: zero or svd (default zero)"),
+    "--esamp-init": ("init", str, "Distiller initialisation: auto (the variant's own), normal, zero or svd (default auto)"),
     "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
 }
 
@@ -85,13 +89,12 @@ def _capture_hidden_states(server_args: Any, previous: Any) -> None:
     if view.sampling_backend == BACKEND:
         if view.enable_return_aux_hidden_states:
             raise ValueError("--sampler esamp captures hidden states itself; drop --enable-return-aux-hidden-states")
-        layer = esamp_config(server_args).resolve_source_layer(_num_hidden_layers(server_args))
         declare_resolution(
             server_args,
             "esamp:capture",
             enable_return_aux_hidden_states=True,
             speculative_algorithm="EAGLE3",
-            return_aux_hidden_state_layer_ids=[layer],
+            return_aux_hidden_state_layer_ids=capture_layer_ids(esamp_config(server_args), _num_hidden_layers(server_args)),
         )
     previous(server_args)
 

@@ -7,11 +7,13 @@ in the `patches` package.
 
 from .bank import GroupBank
 from .candidates import Candidates, filter_candidates, filter_probs
-from .config import ESampConfig, ESampConfigError, check_beta
-from .distiller import DistillerBank, svd_init, zero_delta_init
-from .fusion import draw, fuse_candidates, fuse_candidates_torch
-from .sampler import ESampSampler, Pairs
+from .config import ESampConfig, ESampConfigError, check_beta, check_variant
+from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
+from .fusion import Fused, draw, fuse_candidates, fuse_candidates_torch
+from .sampler import ESampSampler, Pairs, initial_weights
+from .signal import SignalStats
 from .training import DistillerTrainer
+from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm
 
 __all__ = [
     "Candidates",
@@ -20,14 +22,24 @@ __all__ = [
     "ESampConfig",
     "ESampConfigError",
     "ESampSampler",
+    "Fused",
     "GroupBank",
+    "LATENT",
     "Pairs",
+    "REFERENCE",
+    "SignalStats",
+    "VARIANTS",
+    "Variant",
     "check_beta",
+    "check_variant",
     "draw",
     "filter_candidates",
     "filter_probs",
     "fuse_candidates",
     "fuse_candidates_torch",
+    "initial_weights",
+    "normal_init",
+    "rms_norm",
     "svd_init",
     "zero_delta_init",
 ]

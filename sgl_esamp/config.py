@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import torch
 
+from .variants import VARIANTS, Variant
+
 BETA_RANGE = (0.0, 10.0)
 RANK_RANGE = (1, 1024)
 LR_RANGE = (0.0, 1.0)
 SLOTS_RANGE = (1, 4096)
 MAX_CANDIDATES_RANGE = (0, 1 << 20)
-INITS = ("zero", "svd")
+INITS = ("auto", "normal", "zero", "svd")
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -37,6 +39,13 @@ def check_beta(value: Any, field: str = "beta") -> float:
     return float(value)
 
 
+def check_variant(value: Any, field: str = "variant") -> Variant:
+    """Validate a variant name; shared by the config and per-request overrides."""
+    if not isinstance(value, str) or value not in VARIANTS:
+        raise ESampConfigError(field, value, f"one of {', '.join(VARIANTS)}")
+    return VARIANTS[value]
+
+
 def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ESampConfigError(field, value, f"an integer in [{lo}, {hi}]")
@@ -47,15 +56,20 @@ def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
 class ESampConfig:
     """Settings of one ESamp engine (one model, one bank of Distillers).
 
+    variant:         "reference" (the authors' taps, target, fusion, init and optimizer)
+                     or "latent" (this project's first design); see variants.py. A
+                     request may ask for the other one.
     beta:            exploration strength; 0 reproduces plain sampling. 0.1 is the
                      authors' suggested start; larger values drift from the model.
-    source_layer:    index of the shallow decoder layer whose block output feeds the
-                     Distiller (the authors use the first layer).
+    source_layer:    latent variant only: the shallow decoder layer whose block output
+                     feeds the Distiller (the reference variant reads layer 0's input).
     rank:            r, the Distiller's bottleneck width.
     lr:              Adam learning rate of the online training step.
     num_slots:       how many groups can hold a Distiller at once.
-    init:            "zero" (the residual branch starts at zero, so the first prediction
-                     is LN(x)) or "svd" (low-rank SVD of the model's last MLP).
+    init:            "auto" (the variant's own: normal for reference, zero for latent),
+                     "normal" (A, G, B ~ N(0, 0.02²), gate bias 1, LN gain 1), "zero"
+                     (B = 0, so the first prediction is LN(x)) or "svd" (low-rank SVD
+                     of the model's last MLP).
     state_dtype:     dtype of master weights and optimizer state ("float32" even for a
                      bf16 model; "float64" exists for reference tests).
     max_candidates:  fusion looks at most at this many most-probable tokens per row,
@@ -63,17 +77,19 @@ class ESampConfig:
     seed:            seed of the Distiller's initial weights (shared by all slots).
     """
 
+    variant: str = "reference"
     beta: float = 0.1
     source_layer: int = 0
     rank: int = 64
     lr: float = 1e-3
     num_slots: int = 64
-    init: Literal["zero", "svd"] = "zero"
+    init: Literal["auto", "normal", "zero", "svd"] = "auto"
     state_dtype: str = "float32"
     max_candidates: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_variant(self.variant)
         check_beta(self.beta)
         _check_int("source_layer", self.source_layer, 0, 1 << 16)
         _check_int("rank", self.rank, *RANK_RANGE)
@@ -87,6 +103,10 @@ class ESampConfig:
             raise ESampConfigError("state_dtype", self.state_dtype, f"one of {', '.join(STATE_DTYPES)}")
         _check_int("max_candidates", self.max_candidates, *MAX_CANDIDATES_RANGE)
         _check_int("seed", self.seed, 0, 2**63 - 1)
+
+    def init_for(self, variant: Variant) -> str:
+        """The Distiller initialisation a group of `variant` starts from."""
+        return variant.init if self.init == "auto" else self.init
 
     @property
     def torch_state_dtype(self) -> torch.dtype:

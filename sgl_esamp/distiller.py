@@ -1,7 +1,7 @@
 """The Distiller: a low-rank gated residual block, one per slot, stacked into a bank.
 
-For a shallow hidden state x (the block output of the source layer) the Distiller of
-slot s predicts the model's final hidden state (the tensor that enters the LM head):
+For a shallow hidden state x the Distiller of slot s predicts a deep one (which states
+these are is the variant's choice, see variants.py):
 
     ŷ = LN_s( x + ((x A_s) ⊙ SiLU(x G_s + b_s)) B_s )
 
@@ -53,8 +53,8 @@ def zero_delta_init(
 ) -> DistillerInit:
     """B = 0, so the first prediction is LN(x); A and G are small random so B gets gradients.
 
-    The LayerNorm gain starts from the model's final norm weight when given: the target
-    is the final *post-norm* state, whose per-channel scale that weight sets.
+    The LayerNorm gain starts from `norm_weight` when given: the norm that produced the
+    target (a normed state), whose weight sets its per-channel scale.
     """
     gen = torch.Generator().manual_seed(seed)
     scale = hidden_size**-0.5
@@ -67,6 +67,32 @@ def zero_delta_init(
         b=torch.zeros(rank, dtype=dtype),
         B=torch.zeros(rank, hidden_size, dtype=dtype),
         gain=gain.to(dtype),
+        bias=torch.zeros(hidden_size, dtype=dtype),
+    )
+
+
+def normal_init(
+    hidden_size: int,
+    rank: int,
+    *,
+    seed: int = 0,
+    std: float = 0.02,
+    gate_bias: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> DistillerInit:
+    """The authors' initialisation: A, G, B ~ N(0, std²), gate bias 1, LayerNorm gain 1, bias 0.
+
+    The gate bias of 1 opens SiLU's gate from the first step, so the random residual branch
+    contributes (and B gets gradients) at once."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64) * std
+    A, G, B = draw(hidden_size, rank), draw(hidden_size, rank), draw(rank, hidden_size)
+    return DistillerInit(
+        A=A.to(dtype),
+        G=G.to(dtype),
+        b=torch.full((rank,), gate_bias, dtype=dtype),
+        B=B.to(dtype),
+        gain=torch.ones(hidden_size, dtype=dtype),
         bias=torch.zeros(hidden_size, dtype=dtype),
     )
 
@@ -141,7 +167,7 @@ class DistillerBank:
         return {k: p.select(self.PARAM_SLOT_DIM[k], slot) for k, p in self.params.items()}
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
-        """Predict the final hidden state for each row of x [N, H] with the Distiller of slots[N].
+        """Predict the deep state for each row of x [N, H] with the Distiller of slots[N].
 
         Rows with slot < 0 are computed with slot 0 and must be ignored by the caller;
         clamping instead of filtering keeps the shape static and the host out of it.

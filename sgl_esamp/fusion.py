@@ -1,15 +1,16 @@
 """Logit fusion on the candidate set (torch reference; the Triton kernel is tested against it).
 
-On candidates only, with z the model's logits, ŷ the Distiller's prediction of the
-final hidden state and d = W_head[c] · ŷ the logits that prediction implies:
+On candidates only, with z the model's logits, ŷ the Distiller's prediction and
+d = W_head[c] · ŷ the logits that prediction implies, q ∝ softmax(fused) with
 
-    fused = (1 + β) z - β d,    q ∝ softmax(fused / T) over the candidates.
+    reference variant:  fused = (1 + β) z / T - β d          (only z is scaled by 1/T)
+    latent variant:     fused = ((1 + β) z - β d) / T
 
 We compute q as a reweighting of SGLang's own kept probabilities p = softmax(z / T):
 
-    q ∝ p · exp(β (z - d) / T)
+    q ∝ p · exp(β (z - s·d) / T),   s = T (reference) or 1 (latent)
 
-which is the same distribution (fused / T = z / T + β (z - d) / T) but makes β = 0
+which is the same distribution (fused = z / T + β (z - s·d) / T) but makes β = 0
 give back p bit for bit, so β = 0 draws exactly what plain sampling draws. Only the
 rows of W_head for candidate ids are read: never a full-vocabulary product.
 """
@@ -17,12 +18,23 @@ rows of W_head for candidate ids are read: never a full-vocabulary product.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
 from .candidates import Candidates, greedy_rows
 
 GATHER_CHUNK_ELEMENTS = 1 << 26  # bounds the [rows, K, H] gather of the torch path
+
+
+class Fused(NamedTuple):
+    weights: torch.Tensor  # [N, K] unnormalised fused weights over the candidates' ranks, 0 off the kept set
+    head_logits: torch.Tensor  # [N, K] d = W_head[c] · ŷ (fp32), for the signal measurements
+
+
+def shift_scale(temperatures: torch.Tensor, d_over_temperature: bool) -> torch.Tensor:
+    """s in β (z - s·d) / T: 1 when d is divided by T with z, T when only z is."""
+    return torch.ones_like(temperatures) if d_over_temperature else temperatures
 
 
 def candidate_head_logits(
@@ -48,15 +60,23 @@ def fuse_candidates_torch(
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
     temperatures: torch.Tensor,
-) -> torch.Tensor:
-    """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere)."""
+    d_over_temperature: bool = True,
+) -> Fused:
+    """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
     weights, token_ids = candidates
     kept = weights > 0
     greedy = greedy_rows(temperatures)
-    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).view(-1, 1)
+    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
     z = logits.float().gather(1, token_ids)
     d = candidate_head_logits(lm_head_weight, token_ids, prediction)
-    shift = betas.float().view(-1, 1) * (z - d) / temps
+    scale = shift_scale(temps, d_over_temperature).view(-1, 1)
+    shift = betas.float().view(-1, 1) * (z - scale * d) / temps.view(-1, 1)
+    return Fused(reweight(weights, shift), d)
+
+
+def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """weights · exp(shift) on the kept set (0 elsewhere), stabilised by the row's max shift."""
+    kept = weights > 0
     shift = torch.where(kept, shift, float("-inf"))
     shift = shift - shift.amax(dim=-1, keepdim=True)
     return torch.where(kept, weights * torch.exp(shift), 0.0)
@@ -85,10 +105,12 @@ def fuse_candidates(
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
     temperatures: torch.Tensor,
-) -> torch.Tensor:
+    d_over_temperature: bool = True,
+) -> Fused:
     """Fused weights over candidates, by the backend `fusion_backend` picks."""
+    args = (candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature)
     if fusion_backend(logits.device) == "triton":
         from .kernels.fusion import fuse_candidates_triton  # lazy: triton is heavy to import
 
-        return fuse_candidates_triton(candidates, logits, prediction, lm_head_weight, betas, temperatures)
-    return fuse_candidates_torch(candidates, logits, prediction, lm_head_weight, betas, temperatures)
+        return fuse_candidates_triton(*args)
+    return fuse_candidates_torch(*args)

@@ -1,13 +1,14 @@
-"""Online training of the Distiller bank: one masked Adam step per decode step.
+"""Online training of the Distiller bank: one masked AdamW step per decode step.
 
 Loss of a step (rows i with slot s_i ≥ 0, n_s rows in slot s):
 
     L = Σ_s (1/n_s) Σ_{i: s_i = s} mean_h (ŷ_i - y_i)²
 
 Per-row MSE averaged within a slot and summed over slots, so every slot's gradient is
-exactly what it would be trained alone. Adam's moments and step count are per slot
-and only slots that had rows this step move: an idle slot keeps its weights and
-moments bit for bit (no momentum drift, no weight decay).
+exactly what it would be trained alone. The optimizer is torch's AdamW (decoupled
+weight decay; 0 makes it Adam), but its moments and step count are per slot and only
+slots that had rows this step move: an idle slot keeps its weights and moments bit for
+bit (no momentum drift, no decay), so one group's training never shows in another's.
 
 On CUDA the step runs on a side stream: the decode stream records an event after the
 inputs are ready, the side stream waits for it, and the next prediction waits for the
@@ -27,11 +28,12 @@ ADAM_EPS = 1e-8
 
 
 class DistillerTrainer:
-    """Masked per-slot Adam over a DistillerBank, plus per-slot training statistics."""
+    """Masked per-slot AdamW over a DistillerBank, plus per-slot training statistics."""
 
-    def __init__(self, bank: DistillerBank, lr: float):
+    def __init__(self, bank: DistillerBank, lr: float, weight_decay: float = 0.0):
         self.bank = bank
         self.lr = lr
+        self.weight_decay = weight_decay
         S, dev = bank.num_slots, bank.device
         self.exp_avg = {k: torch.zeros_like(p) for k, p in bank.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in bank.params.items()}
@@ -91,7 +93,7 @@ class DistillerTrainer:
 
     @torch.no_grad()
     def _adam(self, grads: dict[str, torch.Tensor], active: torch.Tensor, touched: Optional[torch.Tensor] = None) -> None:
-        """Masked per-slot Adam. If `touched` lists slots, only those are gathered, updated and
+        """Masked per-slot AdamW (as torch.optim.AdamW: decay first, then the Adam step). If `touched` lists slots, only those are gathered, updated and
         written back (static shapes, no host sync; a slot listed twice is written twice with
         identical values); otherwise every slot, in place."""
         b1, b2 = ADAM_BETAS
@@ -109,7 +111,8 @@ class DistillerTrainer:
             grad, m, v, p = state if idx is None else (x.index_select(dim, idx) for x in state)
             m = torch.where(mask, b1 * m + (1 - b1) * grad, m)
             v = torch.where(mask, b2 * v + (1 - b2) * grad * grad, v)
-            p = p - torch.where(mask, self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS), 0)
+            decayed = p * (1 - self.lr * self.weight_decay) if self.weight_decay else p
+            p = torch.where(mask, decayed - self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS), p)
             for target, value in zip(state[1:], (m, v, p)):
                 if idx is None:
                     target.copy_(value)

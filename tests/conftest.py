@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sgl_esamp.default_model import default_cache_dir, make_tiny_llama, materialize_smollm2
+from sgl_esamp.tools.default_model import default_cache_dir, make_tiny_llama, materialize_smollm2
 
 
 

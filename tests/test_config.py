@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sgl_esamp import ESampConfig, ESampConfigError, check_beta
+from sgl_esamp import LATENT, REFERENCE, ESampConfig, ESampConfigError, check_beta
 
 BAD_FIELDS = [
     ("beta", -0.1, "[0.0, 10.0]"),
@@ -16,7 +16,9 @@ BAD_FIELDS = [
     ("lr", math.inf, "(0.0, 1.0]"),
     ("num_slots", 0, "[1, 4096]"),
     ("num_slots", True, "[1, 4096]"),
-    ("init", "xavier", "zero, svd"),
+    ("init", "xavier", "auto, normal, zero, svd"),
+    ("variant", "authors", "reference, latent"),
+    ("variant", None, "reference, latent"),
     ("state_dtype", "bfloat16", "float32, float64"),
     ("max_candidates", -5, "[0,"),
     ("seed", -1, "[0,"),
@@ -34,7 +36,9 @@ def test_bad_field_is_rejected_with_field_value_and_range(field, value, allowed)
 
 def test_defaults_are_valid_and_documented_values():
     cfg = ESampConfig()
-    assert (cfg.rank, cfg.lr, cfg.state_dtype, cfg.init) == (64, 1e-3, "float32", "zero")
+    assert (cfg.rank, cfg.lr, cfg.state_dtype, cfg.init) == (64, 1e-3, "float32", "auto")
+    assert cfg.init_for(REFERENCE) == "normal" and cfg.init_for(LATENT) == "zero"
+    assert ESampConfig(init="svd").init_for(REFERENCE) == "svd"
     assert set(ESampConfig.field_names()) >= {"beta", "source_layer", "rank", "lr", "num_slots", "init"}
 
 

@@ -113,7 +113,8 @@ def test_reclaimed_slot_starts_fresh():
     for name, value in sampler.distillers.params.items():
         assert torch.equal(value, fresh[name])
         assert not sampler.trainer.exp_avg[name].any() and not sampler.trainer.exp_avg_sq[name].any()
-    assert sampler.group_stats("h") == {"slot": 0, "train_steps": 0, "train_pairs": 0, "last_loss": None, "mean_loss": None}
+    assert sampler.group_stats("h") == {"variant": "reference", "slot": 0, "train_steps": 0, "train_pairs": 0,
+                                        "last_loss": None, "mean_loss": None, "signal": None}
 
 
 def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():

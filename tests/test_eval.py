@@ -9,20 +9,20 @@ import sys
 
 import pytest
 
-from sgl_esamp.eval import metrics, reasoning
-from sgl_esamp.eval.methods import PAIRED_BASELINE, TEMPERATURE, methods
+from sgl_esamp.tools.eval import metrics, reasoning
+from sgl_esamp.tools.eval.methods import PAIRED_BASELINE, TEMPERATURE, VARIANTS, methods
 from sgl_esamp.patches.launch import server_env
 
 
 def test_quick_run_outputs(tiny_model, tmp_path):
     env = {**server_env(), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "sgl_esamp.eval", "--quick", "--model", str(tiny_model), "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "sgl_esamp.tools.eval", "--quick", "--model", str(tiny_model), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "test"
     results = json.loads((out / "results.json").read_text())
-    names = [m.name for m in methods([0.3])]
+    names = [m.name for m in methods(VARIANTS, [0.8])]
     n = results["config"]["n"]
     ks = [str(k) for k in metrics.ks(n)]
     assert set(results["methods"]) == set(names)
@@ -33,12 +33,17 @@ def test_quick_run_outputs(tiny_model, tmp_path):
             assert all(0.0 <= v <= 1.0 for v in per[task]["pass_at_k"].values())
         for task in reasoning.DEFAULT_TASKS:
             assert per[task]["problems"] and all(len(p["correct"]) == n for p in per[task]["problems"])
-        w = results["writing"][name]
-        assert set(w["mean"]) == {"vendi", "mean_cosine", "distinct_1", "distinct_2", "median_perplexity", "mean_perplexity"}
-        for p in w["prompts"]:
-            assert len(p["completions"]) == n and len(p["perplexity"]) == n
-            assert 1.0 - 1e-6 <= p["vendi"] <= n + 1e-6
-    assert results["esamp_stats"]["esamp_b0.3"]["train_steps"] > 0  # the Distiller trained
+        for part in ("writing", "creative"):
+            w = results[part][name]
+            assert set(w["mean"]) == {"vendi", "clusters", "mean_cosine", "distinct_1", "distinct_2",
+                                      "median_perplexity", "mean_perplexity"}
+            for p in w["prompts"]:
+                assert len(p["completions"]) == n and len(p["perplexity"]) == n
+                assert 1.0 - 1e-6 <= p["vendi"] <= n + 1e-6 and 1 <= p["clusters"] <= n
+    for name in ("ref_b0.8", "lat_b0.8"):  # both variants' Distillers trained, and the signal was measured
+        stats = results["esamp_stats"][name]
+        assert stats["train_steps"] > 0 and stats["mean_kl"] > 0 and stats["mean_abs_z_minus_d"] > 0
+    assert set(results["paired"]["methods"]) == {"ref_b0.8", "lat_b0.8"}
 
     table = (out / "results.md").read_text()
     assert "| method |" in table and all(f"| {name} |" in table for name in names)
@@ -56,8 +61,22 @@ def test_extract_answer():
 
 
 def test_esamp_differs_from_its_paired_baseline_by_the_fusion_alone():
-    ms = {m.name: m for m in methods([0.3], compensated=True)}
-    assert ms["esamp_b0.3"].sampling_params == ms[PAIRED_BASELINE].sampling_params
-    assert ms["esamp_b0.3"].custom_params == {"sampling": "esamp", "beta": 0.3}
-    assert ms["esamp_b0.3_tc"].sampling_params["temperature"] == pytest.approx(TEMPERATURE * 1.3)
-    assert ms["esamp_b0.3_tc"].beta == 0.3 and ms[PAIRED_BASELINE].beta is None
+    ms = {m.name: m for m in methods(VARIANTS, [0.3], compensated=True)}
+    for short, variant in (("ref", "reference"), ("lat", "latent")):
+        assert ms[f"{short}_b0.3"].sampling_params == ms[PAIRED_BASELINE].sampling_params
+        assert ms[f"{short}_b0.3"].custom_params == {"sampling": "esamp", "variant": variant, "beta": 0.3}
+        assert ms[f"{short}_b0.3_tc"].sampling_params["temperature"] == pytest.approx(TEMPERATURE * 1.3)
+        assert ms[f"{short}_b0.3_tc"].beta == 0.3 and ms[f"{short}_b0.3_tc"].variant == variant
+    assert ms[PAIRED_BASELINE].beta is None and ms[PAIRED_BASELINE].variant is None
+
+
+def test_kmeans_clusters_counts_separated_ideas_and_one_blob_as_one():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 384))
+    ideas = np.concatenate([c + 0.05 * rng.normal(size=(5, 384)) for c in centres])
+    blob = rng.normal(size=(1, 384)) + 0.01 * rng.normal(size=(16, 384))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert metrics.kmeans_clusters(unit(ideas)) == 3
+    assert metrics.kmeans_clusters(unit(blob)) == 1

@@ -42,7 +42,7 @@ def test_beta_zero_is_plain_sampling_same_candidates_same_tokens(vocab):
         cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=0)
         assert torch.equal(cand.weights > 0, ref_weights > 0)
         assert torch.equal(cand.token_ids[cand.weights > 0], ref_ids.long()[ref_weights > 0])
-        fused = fuse_candidates_torch(cand, logits, pred, head, torch.zeros(8), temps)
+        fused = fuse_candidates_torch(cand, logits, pred, head, torch.zeros(8), temps).weights
         assert torch.equal(fused, cand.weights)  # bit for bit
         torch.manual_seed(seed)
         assert torch.equal(draw(fused, cand.token_ids), ref_tokens.long())
@@ -58,31 +58,36 @@ def test_candidate_cap_matches_sglang_when_top_k_fits():
     assert not ref_weights[:, 64:].any()
 
 
-def float64_reference(logits, head, pred, temps, betas, keep_ids):
-    """softmax over kept ids of ((1 + β) z - β W·ŷ) / T, straight from the paper's formula."""
+def float64_reference(logits, head, pred, temps, betas, keep_ids, d_over_temperature):
+    """softmax over kept ids of ((1 + β) z - β W·ŷ) / T (latent) or (1 + β) z / T - β W·ŷ
+    (reference), straight from the formulas."""
     out = torch.zeros(logits.shape, dtype=torch.float64)
     for i, ids in enumerate(keep_ids):
-        z = logits[i, ids].double()
+        z, T, beta = logits[i, ids].double(), temps[i].double(), betas[i].double()
         d = head[ids].double() @ pred[i].to(head.dtype).double()
-        fused = (1 + betas[i].double()) * z - betas[i].double() * d
-        out[i, ids] = torch.softmax(fused / temps[i].double(), dim=0)
+        fused = ((1 + beta) * z - beta * d) / T if d_over_temperature else (1 + beta) * z / T - beta * d
+        out[i, ids] = torch.softmax(fused, dim=0)
     return out
 
 
+@pytest.mark.parametrize("d_over_temperature", [True, False], ids=["latent", "reference"])
 @pytest.mark.parametrize(
     "vocab,ties,neg_inf,cap",
     [(1000, False, False, 0), (4096, True, False, 0), (4096, False, True, 256), (151936, True, True, 512)],
 )
-def test_fused_probabilities_match_float64_reference(vocab, ties, neg_inf, cap):
+def test_fused_probabilities_match_float64_reference(vocab, ties, neg_inf, cap, d_over_temperature):
     logits, head, pred, temps, top_ks, top_ps, min_ps, betas = random_batch(
         8, vocab, 32, seed=vocab + cap, ties=ties, neg_inf=neg_inf
     )
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=cap)
-    fused = fuse_candidates_torch(cand, logits, pred, head, betas, temps)
+    fused, d = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
+    kept = cand.weights > 0
+    torch.testing.assert_close(d[kept], (head[cand.token_ids].double() @ pred.double()[:, :, None]).squeeze(-1)[kept].float(),
+                               rtol=1e-4, atol=1e-4)
     probs = torch.zeros(logits.shape, dtype=torch.float64)
     probs.scatter_(1, cand.token_ids, (fused / fused.sum(-1, keepdim=True)).double())
     keep_ids = [cand.token_ids[i][cand.weights[i] > 0] for i in range(8)]
-    ref = float64_reference(logits, head, pred, temps, betas, keep_ids)
+    ref = float64_reference(logits, head, pred, temps, betas, keep_ids, d_over_temperature)
     assert torch.isfinite(probs).all()
     torch.testing.assert_close(probs, ref, rtol=1e-4, atol=1e-6)
     assert cand.weights[1].count_nonzero() == 1  # top_k = 1 row
@@ -92,7 +97,7 @@ def test_greedy_rows_stay_argmax_whatever_beta():
     logits, head, pred, _, top_ks, top_ps, min_ps, _ = random_batch(8, 1000, 16, seed=7)
     temps = torch.zeros(8)
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps)
-    fused = fuse_candidates_torch(cand, logits, pred, head, torch.full((8,), 5.0), temps)
+    fused = fuse_candidates_torch(cand, logits, pred, head, torch.full((8,), 5.0), temps).weights
     assert torch.equal(draw(fused, cand.token_ids), logits.argmax(-1))
 
 
@@ -103,6 +108,6 @@ def test_exploration_moves_mass_away_from_what_the_distiller_predicts():
     pred = torch.zeros(1, hidden)
     pred[0, 2] = 4.0  # Distiller expects token 2
     cand = filter_candidates(logits, torch.ones(1), torch.tensor([TOP_K_ALL]), torch.ones(1), torch.zeros(1))
-    fused = fuse_candidates_torch(cand, logits, pred, head, torch.ones(1), torch.ones(1))
+    fused = fuse_candidates_torch(cand, logits, pred, head, torch.ones(1), torch.ones(1)).weights
     probs = torch.zeros(vocab).scatter(0, cand.token_ids[0], fused[0] / fused[0].sum())
     assert probs[2] < probs[3] / 10

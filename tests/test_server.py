@@ -58,6 +58,31 @@ def test_group_learns_the_prompt_prefilled_by_the_n_samples_warm_up(esamp_server
     assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0 and bank(esamp_server)["slots_retained"] >= 1)
 
 
+def test_each_request_picks_its_variant_and_the_variants_never_share_a_distiller(esamp_server):
+    before = bank(esamp_server)["by_variant"]
+    results = {}
+
+    def run(variant):  # the same group id for both: the variants' banks are separate all the same
+        results[variant] = generate(esamp_server, PROMPTS[0], n=2, max_new_tokens=8, sampling_seed=5,
+                                    custom_params={"variant": variant, "group_id": "shared-id"})
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in ("reference", "latent")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for variant, outs in results.items():
+        infos = [o["meta_info"]["esamp"] for o in outs]
+        assert {i["variant"] for i in infos} == {variant}
+        assert all(i["train_steps"] > 0 and i["signal"]["rows"] > 0 for i in infos)
+        last = max(infos, key=lambda i: i["signal"]["rows"])
+        assert last["signal"]["rows"] == sum(i["esamp_tokens"] for i in infos)  # one group per variant
+        assert last["signal"]["mean_kl"] >= 0 and last["signal"]["mean_abs_z_minus_d"] > 0
+    after = bank(esamp_server)["by_variant"]
+    for variant in ("reference", "latent"):
+        assert after[variant]["groups_allocated"] == before.get(variant, {}).get("groups_allocated", 0) + 1
+
+
 def test_greedy_requests_are_untouched(esamp_server, non_esamp_server):
     got = generate(esamp_server, PROMPTS[2], temperature=0.0, custom_params={"sampling": "esamp"})
     want = generate(non_esamp_server, PROMPTS[2], temperature=0.0)
@@ -101,6 +126,7 @@ BAD_PARAMS = [
     ({"beta": "strong"}, "custom_params.beta"),
     ({"sampling": "bogus"}, "custom_params.sampling"),
     ({"group_id": ""}, "custom_params.group_id"),
+    ({"variant": "authors"}, "custom_params.variant"),
 ]
 
 

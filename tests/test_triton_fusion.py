@@ -18,8 +18,9 @@ def kernel_module():
     return module
 
 
+@pytest.mark.parametrize("d_over_temperature", [True, False], ids=["latent", "reference"])
 @pytest.mark.parametrize("vocab,hidden,cap,head_dtype", [(3000, 40, 64, torch.float32), (6000, 130, 0, torch.bfloat16)])
-def test_triton_fusion_matches_torch_reference(kernel_module, vocab, hidden, cap, head_dtype):
+def test_triton_fusion_matches_torch_reference(kernel_module, vocab, hidden, cap, head_dtype, d_over_temperature):
     gen = torch.Generator().manual_seed(vocab)
     n = 5
     logits = torch.randn(n, vocab, generator=gen) * 2
@@ -32,7 +33,9 @@ def test_triton_fusion_matches_torch_reference(kernel_module, vocab, hidden, cap
     min_ps = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.01])
     betas = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0])
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=cap)
-    ref = fuse_candidates_torch(cand, logits, pred, head, betas, temps)
-    got = kernel_module.fuse_candidates_triton(cand, logits, pred, head, betas, temps)
+    ref, ref_d = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
+    got, got_d = kernel_module.fuse_candidates_triton(cand, logits, pred, head, betas, temps, d_over_temperature)
     assert torch.equal(got > 0, ref > 0)
+    kept = cand.weights > 0
+    torch.testing.assert_close(got_d[kept], ref_d[kept], rtol=2e-4, atol=1e-5)
     torch.testing.assert_close(got / got.sum(-1, keepdim=True), ref / ref.sum(-1, keepdim=True), rtol=2e-4, atol=1e-6)

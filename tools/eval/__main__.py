@@ -1,4 +1,4 @@
-"""CLI: python -m sgl_esamp.eval [--quick] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
+"""CLI: python -m sgl_esamp.tools.eval [--quick] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
 
 from __future__ import annotations
 
@@ -8,37 +8,42 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import metrics, reasoning, report, writing
+from . import creative, metrics, reasoning, report, writing
 from .client import Job, run_jobs, server
-from .methods import PAIRED_BASELINE, Method, methods
+from .methods import PAIRED_BASELINE, VARIANTS, Method, baselines, esamp_methods, methods
+from .metrics import OPEN_ENDED
 
-QUICK = dict(n=4, problems=2, prompts=2, reasoning_tokens=32, writing_tokens=32, betas=[0.3],
-             dev_problems=2, dev_prompts=1)
-# Sized for SGLang's CPU engine on 2 cores (~80-100 generated tokens/s for SmolLM2 when the
-# machine is otherwise idle): about 20 minutes. Scale up (--n, --problems, --prompts) on a GPU.
-FULL = dict(n=8, problems=12, prompts=6, reasoning_tokens=64, writing_tokens=128, betas=[0.3],
-            dev_problems=3, dev_prompts=2)
+QUICK = dict(n=4, problems=2, prompts=1, creative_prompts=1, reasoning_tokens=32, writing_tokens=32,
+             betas=[0.8], dev_problems=1, dev_prompts=1, dev_creative_prompts=1)
+# The authors' settings (n = 16, T = 0.8, top-p 0.95, β in {0.1, 0.8}) with long generations,
+# problem and prompt counts sized for about an hour of generation on SGLang's CPU engine
+# (2 cores, SmolLM2-135M); scale them up on a GPU.
+FULL = dict(n=16, problems=12, prompts=6, creative_prompts=6, reasoning_tokens=128, writing_tokens=192,
+            betas=[0.1, 0.8], dev_problems=4, dev_prompts=2, dev_creative_prompts=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sgl_esamp.eval", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m sgl_esamp.tools.eval", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("eval_out"))
     p.add_argument("--model", type=Path, default=None, help="served and perplexity model (default SmolLM2-135M-Instruct)")
     p.add_argument("--url", default=None, help="use this running ESamp server instead of starting one")
     p.add_argument("--quick", action="store_true", help="a few prompts, small n: a smoke run (< 5 min on 2 CPU cores)")
     p.add_argument("--split", choices=["dev", "test"], default="test")
-    p.add_argument("--parts", nargs="+", choices=["reasoning", "writing"], default=["reasoning", "writing"])
+    p.add_argument("--parts", nargs="+", choices=["reasoning", *OPEN_ENDED], default=["reasoning", *OPEN_ENDED])
     p.add_argument("--tasks", nargs="+", default=reasoning.DEFAULT_TASKS, help="reasoning-gym dataset names")
     p.add_argument("--n", type=int, help="samples per prompt, the same for every method")
     p.add_argument("--problems", type=int, help="problems per reasoning task")
     p.add_argument("--prompts", type=int, help="WritingBench prompts")
+    p.add_argument("--creative-prompts", type=int, help="creative prompts (long answers)")
     p.add_argument("--reasoning-tokens", type=int, help="max_new_tokens for reasoning")
-    p.add_argument("--writing-tokens", type=int, help="max_new_tokens for writing")
+    p.add_argument("--writing-tokens", type=int, help="max_new_tokens for writing and creative prompts")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="ESamp variants compared")
     p.add_argument("--betas", type=float, nargs="+", help="ESamp betas compared")
     p.add_argument("--dev-problems", type=int, help="problems per task when tuning on dev")
     p.add_argument("--dev-prompts", type=int, help="WritingBench prompts when tuning on dev")
+    p.add_argument("--dev-creative-prompts", type=int, help="creative prompts when tuning on dev")
     p.add_argument("--tune-betas", type=float, nargs="+", default=None,
-                   help="first pick the best of these betas on the dev split, then run --split test with it")
+                   help="first pick, per variant, the best of these betas on the dev split, then run --split test")
     p.add_argument("--tune-layers", type=int, nargs="+", default=None,
                    help="also tune the source layer on dev (one server per layer; not with --url)")
     p.add_argument("--methods", nargs="+", default=None, help="only these method names")
@@ -74,14 +79,15 @@ def build_jobs(args: argparse.Namespace, ms: list[Method], split: str, tokenizer
                 chosen = [p for p in pool if p.question not in seen][: args.problems]
             for i, prob in enumerate(chosen):
                 items[("reasoning", task, i)] = (prob, chat(prob.question + reasoning.INSTRUCTION))
-    if "writing" in args.parts:
-        rows = writing.split(writing.prompts(), split, args.prompt_seed)[: args.prompts]
-        for i, row in enumerate(rows):
-            items[("writing", i)] = (row, chat(row["query"]))
+    open_ended = {"writing": (writing.prompts, args.prompts), "creative": (creative.prompts, args.creative_prompts)}
+    for part, (source, count) in open_ended.items():
+        if part in args.parts:
+            for i, row in enumerate(writing.split(source(), split, args.prompt_seed)[:count]):
+                items[(part, i)] = (row, chat(row["query"]))
     jobs = []
     for method in ms:
         for key, (_, prompt) in items.items():
-            tokens = args.reasoning_tokens if key[0] == "reasoning" else args.writing_tokens
+            tokens = args.reasoning_tokens if key[0] == "reasoning" else args.writing_tokens  # writing, creative
             jobs.append(Job(method, key, prompt, {"max_new_tokens": tokens}))
     return jobs, items
 
@@ -99,24 +105,15 @@ def evaluate(args: argparse.Namespace, ms: list[Method], split: str, url: str, m
     gen_s = time.monotonic() - t0
     results: dict[str, Any] = {"config": {
         "split": split, "model": str(model), "n": args.n, "tasks": args.tasks if "reasoning" in args.parts else [],
-        "problems": args.problems, "prompts": len([k for k in items if k[0] == "writing"]),
+        "problems": args.problems, **{f"{part}_prompts": len([k for k in items if k[0] == part]) for part in OPEN_ENDED},
         "reasoning_tokens": args.reasoning_tokens, "writing_tokens": args.writing_tokens,
         "problem_seed": args.problem_seed + (split == "test"), "prompt_seed": args.prompt_seed,
         "sampling_seed": args.sampling_seed, "source_layer": args.source_layer, "url": args.url,
+        "server_args": args.server_arg,
         "generation_seconds": round(gen_s, 1)},
         "methods": {m.name: {"sampling_params": m.sampling_params, "custom_params": m.custom_params} for m in ms}}
 
-    # ESamp's own view: did the group Distillers train, and how well do they predict?
-    stats: dict[str, Any] = {}
-    for m in ms:
-        metas = [o["meta_info"].get("esamp") or {} for key, res in outputs.items() if key[0] == m.name for o in res]
-        metas = [x for x in metas if x.get("enabled")]
-        if metas:
-            tok = sum(x.get("esamp_tokens", 0) for x in metas)
-            stats[m.name] = {"train_steps": statistics.mean(x.get("train_steps", 0) for x in metas),
-                             "mean_loss": statistics.mean(x.get("mean_loss") or 0.0 for x in metas),
-                             "esamp_share": tok / max(1, tok + sum(x.get("fallback_tokens", 0) for x in metas))}
-    results["esamp_stats"] = stats
+    results["esamp_stats"] = esamp_stats(ms, outputs)
 
     ks = metrics.ks(args.n)
     if "reasoning" in args.parts:
@@ -139,28 +136,31 @@ def evaluate(args: argparse.Namespace, ms: list[Method], split: str, url: str, m
             per["all"] = {"pass_at_k": {str(k): statistics.mean(per[t]["pass_at_k"][str(k)] for t in args.tasks) for k in ks}}
             results["reasoning"][m.name] = per
 
-    if "writing" in args.parts:
+    parts = [part for part in OPEN_ENDED if part in args.parts]
+    if parts:
         from tqdm import tqdm
 
         embed, ppl = metrics.Embedder(), metrics.Perplexity(model)
-        results["writing"] = {}
-        wkeys = [k for k in items if k[0] == "writing"]
-        bar = tqdm(total=len(ms) * len(wkeys), desc="writing metrics", unit="prompt")
-        for m in ms:
-            rows = []
-            for key in wkeys:
-                row, prompt = items[key]
-                texts = [o["text"] for o in outputs[(m.name,) + key]]
-                ppls = ppl(prompt, texts)
-                rows.append({"index": row["index"], "domain2": row["domain2"], "query": row["query"],
-                             **embed.diversity(texts), "distinct_1": metrics.distinct_n(texts, 1),
-                             "distinct_2": metrics.distinct_n(texts, 2), "perplexity": ppls,
-                             "median_perplexity": statistics.median(ppls), "mean_perplexity": statistics.mean(ppls),
-                             "completions": texts})
-                bar.update(1)
-            fields = ["vendi", "mean_cosine", "distinct_1", "distinct_2", "median_perplexity", "mean_perplexity"]
-            results["writing"][m.name] = {"mean": {f: statistics.mean(r[f] for r in rows) for f in fields},
-                                          "prompts": rows}
+        keys = [k for k in items if k[0] in parts]
+        bar = tqdm(total=len(ms) * len(keys), desc="diversity and perplexity", unit="prompt")
+        for part in parts:
+            results[part] = {}
+            for m in ms:
+                rows = []
+                for key in (k for k in keys if k[0] == part):
+                    row, prompt = items[key]
+                    texts = [o["text"] for o in outputs[(m.name,) + key]]
+                    ppls = ppl(prompt, texts)
+                    rows.append({"index": row["index"], "domain2": row["domain2"], "query": row["query"],
+                                 **embed.diversity(texts), "distinct_1": metrics.distinct_n(texts, 1),
+                                 "distinct_2": metrics.distinct_n(texts, 2), "perplexity": ppls,
+                                 "median_perplexity": statistics.median(ppls), "mean_perplexity": statistics.mean(ppls),
+                                 "completions": texts})
+                    bar.update(1)
+                fields = ["vendi", "clusters", "mean_cosine", "distinct_1", "distinct_2", "median_perplexity",
+                          "mean_perplexity"]
+                results[part][m.name] = {"mean": {f: statistics.mean(r[f] for r in rows) for f in fields},
+                                         "prompts": rows}
         bar.close()
 
     if any(m.name == PAIRED_BASELINE for m in ms):
@@ -171,37 +171,71 @@ def evaluate(args: argparse.Namespace, ms: list[Method], split: str, url: str, m
     return results
 
 
+def esamp_stats(ms: list[Method], outputs: dict[tuple, list[dict]]) -> dict[str, Any]:
+    """ESamp's own view per method, from meta_info: did the group Distillers train, and how did
+    the novelty signal behave (per group, from its last finished member: the most rows)."""
+    stats: dict[str, Any] = {}
+    for m in ms:
+        metas = [o["meta_info"].get("esamp") or {} for key, res in outputs.items() if key[0] == m.name for o in res]
+        metas = [x for x in metas if x.get("enabled")]
+        if not metas:
+            continue
+        tok = sum(x.get("esamp_tokens", 0) for x in metas)
+        groups: dict[str, dict] = {}
+        for x in metas:
+            rows = (x.get("signal") or {}).get("rows", 0)
+            if rows >= (groups.get(x["group_id"], {}).get("signal") or {}).get("rows", -1):
+                groups[x["group_id"]] = x
+        signals = [g["signal"] for g in groups.values() if g.get("signal")]
+
+        def mean_of(field: str) -> float | None:
+            values = [s[field] for s in signals if s.get(field) is not None]
+            return statistics.mean(values) if values else None
+
+        stats[m.name] = {"train_steps": statistics.mean(x.get("train_steps", 0) for x in metas),
+                         "mean_loss": statistics.mean(x.get("mean_loss") or 0.0 for x in metas),
+                         "esamp_share": tok / max(1, tok + sum(x.get("fallback_tokens", 0) for x in metas)),
+                         "groups": len(groups),
+                         **{f: mean_of(f) for f in ("corr_error_step", "mean_error", "mean_abs_z_minus_d", "mean_kl")}}
+    return stats
+
+
 def dev_score(results: dict, name: str) -> tuple[float, float]:
-    """(mean pass@n on dev reasoning, mean Vendi on dev writing) of one method; higher is better."""
+    """(mean pass@n on dev reasoning, mean Vendi over the dev open-ended prompts) of one method;
+    higher is better, compared in that order."""
     n = str(results["config"]["n"])
     p = results.get("reasoning", {}).get(name, {}).get("all", {}).get("pass_at_k", {}).get(n, 0.0)
-    v = results.get("writing", {}).get(name, {}).get("mean", {}).get("vendi", 0.0)
-    return round(p, 3), v
+    vendis = [results[part][name]["mean"]["vendi"] for part in OPEN_ENDED if name in results.get(part, {})]
+    return round(p, 3), statistics.mean(vendis) if vendis else 0.0
 
 
-def tune(args: argparse.Namespace, server_args: Callable[[int], list[str]]) -> tuple[int, float]:
-    """Best (source layer, beta) on the dev split: highest pass@n, ties to the higher Vendi.
+def tune(args: argparse.Namespace, server_args: Callable[[int], list[str]]) -> dict[str, tuple[int, float]]:
+    """Per variant, the best (source layer, β) on the dev split: highest pass@n, ties to the
+    higher Vendi. The first entry is the best setting overall.
 
     One server per layer; each dev run also has the paired baseline, as a reference."""
     layers = args.tune_layers or [args.source_layer]
     betas = args.tune_betas or args.betas
     if args.url and len(layers) > 1:
         raise SystemExit("--tune-layers starts one server per layer: drop --url")
-    dev_ms = [m for m in methods(betas) if m.name == PAIRED_BASELINE or m.beta is not None]
-    scores: dict[tuple[int, float], tuple[float, float]] = {}
+    dev_ms = [m for m in methods(args.variants, betas) if m.name == PAIRED_BASELINE or m.is_esamp]
+    scores: dict[tuple[str, int, float], tuple[float, float]] = {}
     lines = ["| source layer | method | dev pass@n | dev Vendi |", "|---|---|---|---|"]
     for layer in layers:
         dev_args = argparse.Namespace(**{**vars(args), "problems": args.dev_problems, "prompts": args.dev_prompts,
-                                         "source_layer": layer})
+                                         "creative_prompts": args.dev_creative_prompts, "source_layer": layer})
         with server(args.model, args.url, server_args(layer)) as url:
             dev = evaluate(dev_args, dev_ms, "dev", url, args.model, args.out / "dev" / f"layer{layer}")
         for m in dev_ms:
             score = dev_score(dev, m.name)
             lines.append(f"| {layer} | {m.name} | {score[0]:.3f} | {score[1]:.3f} |")
-            if m.beta is not None:
-                scores[(layer, m.beta)] = score
-    best = max(scores, key=scores.get)
-    lines += ["", f"Best on dev: source layer {best[0]}, beta {best[1]:g}"]
+            if m.is_esamp:
+                scores[(m.variant, layer, m.beta)] = score
+    best = {}
+    for variant, layer, beta in sorted(scores, key=scores.get, reverse=True):
+        best.setdefault(variant, (layer, beta))
+    lines += [""] + [f"Best on dev for {v}: source layer {layer}, beta {beta:g}" for v, (layer, beta) in best.items()]
+    lines += [f"Best on dev overall: {next(iter(best))}"]
     (args.out / "dev" / "tuning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return best
@@ -210,7 +244,7 @@ def tune(args: argparse.Namespace, server_args: Callable[[int], list[str]]) -> t
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.model is None:
-        from sgl_esamp.default_model import materialize_smollm2
+        from sgl_esamp.tools.default_model import materialize_smollm2
 
         args.model = materialize_smollm2()
 
@@ -222,10 +256,14 @@ def main(argv: list[str] | None = None) -> None:
         return [m for m in ms if args.methods is None or m.name in args.methods]
 
     if args.tune_betas or args.tune_layers:  # tuning sees only the dev split
-        args.source_layer, beta = tune(args, server_args)
-        args.betas, args.split = [beta], "test"
+        best = tune(args, server_args)
+        args.source_layer = best.get("latent", next(iter(best.values())))[0]
+        ms = baselines() + esamp_methods([(v, beta) for v, (_, beta) in best.items()], compensated=args.compensated)
+        args.split = "test"
+    else:
+        ms = methods(args.variants, args.betas, compensated=args.compensated)
     with server(args.model, args.url, server_args(args.source_layer)) as url:
-        results = evaluate(args, pick(methods(args.betas, compensated=args.compensated)), args.split, url, args.model, args.out / args.split)
+        results = evaluate(args, pick(ms), args.split, url, args.model, args.out / args.split)
     print(report.markdown(results))
     print(f"wrote {args.out / args.split}")
 

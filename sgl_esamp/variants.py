@@ -1,0 +1,57 @@
+"""ESamp variants: which hidden states feed the Distiller, what it predicts, how d enters the logits.
+
+Two recipes share the Distiller, the bank and the sampler; they differ in the five places
+that decide whether the novelty signal survives online training:
+
+| | `reference` (the authors' code, LinesHogan/tLLM) | `latent` (this project's first design) |
+|---|---|---|
+| source x | normed input of layer 0: RMSNorm_0(embedding) | residual after block `source_layer` |
+| target y | normed input of the last block: RMSNorm_{L-1}(h_{L-1}) | final post-norm state (the LM head's input) |
+| fusion | (1 + β) z / T − β d  (only z is scaled by 1/T) | ((1 + β) z − β d) / T |
+| init | A, G, B ~ N(0, 0.02²), gate bias 1, LN gain 1, bias 0 | B = 0, LN gain = final norm weight |
+| optimizer | AdamW, weight decay 0.01 | Adam, no decay |
+
+with d = W_head[c] · ŷ on the candidates c. The latent target is what the LM head reads,
+so as the Distiller learns, d → z and the signal vanishes; the reference target sits one
+block earlier, where a gap to z remains.
+
+A variant names its taps; which tensors hold them is the engine's business (the SGLang
+glue reads them from its hidden-state capture); `rms_norm` is the "normed input" both
+sides agree on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+# taps
+FIRST_LAYER_INPUT_NORMED = "first_layer_input_normed"  # RMSNorm_0(h_0): layer 0's input_layernorm output
+SOURCE_BLOCK_OUTPUT = "source_block_output"  # residual stream after block `source_layer`
+LAST_LAYER_INPUT_NORMED = "last_layer_input_normed"  # RMSNorm_{L-1}(h_{L-1}): the last block's normed input
+FINAL_NORMED = "final_normed"  # the final norm's output, what the LM head reads
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    source: str  # tap feeding the Distiller
+    target: str  # tap it learns to predict
+    init: str  # the Distiller initialisation used when the config says init="auto"
+    weight_decay: float  # decoupled (AdamW) weight decay of the online optimizer
+    d_over_temperature: bool  # True: d is divided by T together with z; False: only z is
+
+
+REFERENCE = Variant("reference", FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED,
+                    init="normal", weight_decay=0.01, d_over_temperature=False)
+LATENT = Variant("latent", SOURCE_BLOCK_OUTPUT, FINAL_NORMED,
+                 init="zero", weight_decay=0.0, d_over_temperature=True)
+VARIANTS: dict[str, Variant] = {v.name: v for v in (REFERENCE, LATENT)}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A decoder layer's input norm, x / sqrt(mean(x²) + eps) · w, computed in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float()

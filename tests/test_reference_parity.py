@@ -1,0 +1,88 @@
+"""The `reference` variant against a float64 re-implementation of the authors' recipe.
+
+Written from the recipe alone (LinesHogan/tLLM, as summarised in sgl_esamp/variants.py):
+  source  x = RMSNorm_0(h_0)          the normed input of layer 0 (h_0: the token embedding)
+  target  y = RMSNorm_{L-1}(h_{L-1})  the normed input of the last block
+  model   ŷ = LayerNorm(x + ((x A) ⊙ SiLU(x G + b)) B) · gain + bias
+  init    A, G, B ~ N(0, 0.02²), b = 1, gain = 1, bias = 0
+  fusion  softmax over the kept candidates of (1 + β) z / T − β W_head ŷ
+  train   torch.optim.AdamW(lr, weight_decay=0.01) on MSE(ŷ, y), one step per decode step
+"""
+
+import torch
+import torch.nn.functional as F
+
+from sgl_esamp import ESampConfig, ESampSampler, filter_candidates, normal_init, rms_norm
+
+H, R, V, N = 32, 4, 60, 3
+EPS = 1e-6
+
+
+class AuthorsDistiller(torch.nn.Module):
+    def __init__(self, A, G, B):
+        super().__init__()
+        self.A, self.G, self.B = (torch.nn.Parameter(t.clone()) for t in (A, G, B))
+        self.gate_bias = torch.nn.Parameter(torch.ones(R, dtype=torch.float64))
+        self.ln = torch.nn.LayerNorm(H, dtype=torch.float64)  # gain 1, bias 0, eps 1e-5
+
+    def forward(self, x):
+        return self.ln(x + ((x @ self.A) * F.silu(x @ self.G + self.gate_bias)) @ self.B)
+
+
+def authors_rms_norm(h, w):
+    return h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+
+def authors_fused_probs(z, d, T, beta, kept_ids):
+    out = torch.zeros_like(z)
+    for i, ids in enumerate(kept_ids):
+        out[i, ids] = torch.softmax((1 + beta[i]) * z[i, ids] / T[i] - beta[i] * d[i, ids], dim=0)
+    return out
+
+
+def test_init_is_the_authors_distribution():
+    init = normal_init(512, 64, seed=0, dtype=torch.float64)
+    for w in (init.A, init.G, init.B):
+        assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.02) < 5e-4
+    assert torch.equal(init.b, torch.ones(64, dtype=torch.float64))
+    assert torch.equal(init.gain, torch.ones(512, dtype=torch.float64)) and not init.bias.any()
+    assert not torch.equal(init.A, init.G)
+
+
+def test_one_reference_step_fuses_and_trains_exactly_as_the_authors_formulas():
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    h0, h_last = rnd(N, H) * 0.1, rnd(N, H) * 3  # embedding-scale and deep-residual-scale inputs
+    w0, w_last = 1 + 0.2 * rnd(H), 1 + 0.2 * rnd(H)
+    head, z = rnd(V, H) / H**0.5, rnd(N, V) * 2
+    T = torch.tensor([0.8, 0.5, 1.3], dtype=torch.float64)
+    beta = torch.tensor([0.8, 0.1, 2.0], dtype=torch.float64)
+    top_ps = torch.tensor([0.95, 0.9, 1.0])
+
+    config = ESampConfig(variant="reference", rank=R, num_slots=2, lr=1e-3, state_dtype="float64", max_candidates=0)
+    ours = ESampSampler(config, head)
+    slots = torch.tensor(ours.assign_slots([("g", i) for i in range(N)]))
+    x, y = rms_norm(h0, w0, EPS).double(), rms_norm(h_last, w_last, EPS).double()
+    candidates = filter_candidates(z.float(), T.float(), torch.full((N,), 1 << 30), top_ps, torch.zeros(N))
+    fused = ours.fuse(candidates, z.float(), x, y, slots, beta.float(), T.float())
+
+    init = ours.distillers.init
+    authors = AuthorsDistiller(init.A, init.G, init.B)
+    src, tgt = authors_rms_norm(h0, w0), authors_rms_norm(h_last, w_last)
+    torch.testing.assert_close(x, src, rtol=1e-6, atol=1e-6)  # rms_norm runs in float32
+    with torch.no_grad():
+        d = authors(src) @ head.T
+    kept_ids = [candidates.token_ids[i][candidates.weights[i] > 0] for i in range(N)]
+    expected = authors_fused_probs(z, d, T, beta, kept_ids)
+    got = torch.zeros_like(z).scatter_(1, candidates.token_ids, (fused.weights / fused.weights.sum(-1, keepdim=True)).double())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+    # the step trained on the rows' own (x, y): one AdamW step on the MSE, weight decay 0.01
+    opt = torch.optim.AdamW(authors.parameters(), lr=1e-3, weight_decay=0.01)
+    F.mse_loss(authors(x), y).backward()
+    opt.step()
+    mine = ours.distillers.slot_params(int(slots[0]))
+    for name, theirs in (("A", authors.A), ("G", authors.G), ("B", authors.B), ("b", authors.gate_bias),
+                         ("gain", authors.ln.weight), ("bias", authors.ln.bias)):
+        torch.testing.assert_close(mine[name], theirs.detach(), rtol=1e-9, atol=1e-12)
+    assert ours.group_stats("g")["variant"] == "reference"
