@@ -107,8 +107,9 @@ def plain_sample(logits, temps, top_ks, top_ps, min_ps, cap, gen):
 def kernel_inputs(cand, logits, pred, head, betas, temps):
     w, ids = cand.weights.contiguous(), cand.token_ids.contiguous()
     t = torch.where(temps < 1e-6, torch.ones_like(temps), temps).float().contiguous()
-    out = torch.empty_like(w)
-    return (w, ids, logits, pred.to(head.dtype).contiguous(), head, betas.float().contiguous(), t, out)
+    out, d = torch.empty_like(w), torch.empty_like(w)
+    scales = torch.ones_like(t)  # the latent variant's fusion (d divided by T with z)
+    return (w, ids, logits, pred.to(head.dtype).contiguous(), head, betas.float().contiguous(), t, scales, d, out)
 
 
 def launch_kernel(args, bk, bh, warps):
@@ -116,10 +117,10 @@ def launch_kernel(args, bk, bh, warps):
 
     from sgl_esamp.kernels.fusion import _candidate_shift_kernel
 
-    w, ids, logits, pred, head, betas, t, out = args
+    w, ids, logits, pred, head, betas, t, scales, d, out = args
     n, k = w.shape
     _candidate_shift_kernel[(n, triton.cdiv(k, bk))](
-        w, ids, logits, pred, head, betas, t, out, k, head.shape[1], logits.stride(0), head.stride(0),
+        w, ids, logits, pred, head, betas, t, scales, d, out, k, head.shape[1], logits.stride(0), head.stride(0),
         BLOCK_K=bk, BLOCK_H=bh, num_warps=warps,
     )
     return out
@@ -144,7 +145,7 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
     cyc = itertools.cycle(range(sets))
     cands = [filter_candidates(x[0], temps, top_ks, top_ps, min_ps, cap) for x in inputs]
     preds = [s.distillers.forward(x[1], slots) for x in inputs]
-    fused = [fuse_candidates_torch(c, x[0], p, head, betas, temps) for c, x, p in zip(cands, inputs, preds)]
+    fused = [fuse_candidates_torch(c, x[0], p, head, betas, temps).weights for c, x, p in zip(cands, inputs, preds)]
     kargs = [kernel_inputs(c, x[0], p, head, betas, temps) for c, x, p in zip(cands, inputs, preds)]
     K = cands[0].weights.shape[1]
     kept = statistics.mean(int((c.weights > 0).sum()) for c in cands)
@@ -446,7 +447,7 @@ def traffic_model(log, hiddens, batches, vocab, bw=3.0e12, fp32_flops=51e12):
             gen = torch.Generator().manual_seed(0)
             pred = s.distillers.forward(shallow, slots)
             cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, 256)
-            w = fuse_candidates_torch(cand, logits, pred, head, betas, temps)
+            w = fuse_candidates_torch(cand, logits, pred, head, betas, temps).weights
             kept = int((cand.weights > 0).sum())
             comps = {
                 "distiller fwd": lambda: s.distillers.forward(shallow, slots),

@@ -38,7 +38,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # the interpreter must be chosen before the kernel is decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sgl_esamp import ESampConfig, ESampSampler, filter_candidates, fuse_candidates_torch  # noqa: E402
+from sgl_esamp import ESampConfig, ESampSampler, SlotSegments, filter_candidates, fuse_candidates_torch  # noqa: E402
 from sgl_esamp.fusion import candidate_head_logits, fusion_backend  # noqa: E402
 
 TOP_K_ALL = 1 << 30
@@ -96,8 +96,9 @@ def group_rows(n: int, group_size: int = 8, tag: str = "g"):
     return [(f"{tag}{i // group_size}", f"{tag}{i // group_size}-{i % group_size}") for i in range(n)]
 
 
-def slot_tensor(slots, device) -> torch.Tensor:
-    return torch.tensor([-1 if s is None else s for s in slots], device=device, dtype=torch.int64)
+def slot_tensor(slots, device) -> SlotSegments:
+    """The rows' slot layout (None: a fallback row without a slot), built on the host."""
+    return SlotSegments.of([-1 if s is None else s for s in slots], device)
 
 
 def plain_reference(logits, temps, top_ks, top_ps, min_ps, cap, generator):
@@ -142,8 +143,8 @@ def check_fusion(device, vocab, hiddens, batches, caps, log):
             for cap in caps:
                 cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, cap)
                 kept = cand.weights > 0
-                ref = fuse_candidates_torch(cand, logits, pred, head, betas, temps)
-                got = fuse_candidates_triton(cand, logits, pred, head, betas, temps)
+                ref = fuse_candidates_torch(cand, logits, pred, head, betas, temps).weights
+                got = fuse_candidates_triton(cand, logits, pred, head, betas, temps).weights
                 sync()
                 qr = ref / ref.sum(-1, keepdim=True)
                 qg = got / got.sum(-1, keepdim=True)
@@ -217,9 +218,9 @@ def check_async_training(device, vocab, hidden, n, steps, log):
             rows[-1] = ("solo", "solo-0")  # a group of one member
         sA, sB = A.assign_slots(rows), B.assign_slots(rows)
         assert sA == sB, (sA, sB)
-        slots = slot_tensor(sA, device)
         if step % 4 == 3:
-            slots[0] = -1  # a fallback row: sampled plainly, not trained on
+            sA = [None] + sA[1:]  # a fallback row: sampled plainly, not trained on
+        slots = slot_tensor(sA, device)
         busy(device)
         fresh = make_step_inputs(n, vocab, hidden, device, seed=step)
         if buf is None:
@@ -346,7 +347,7 @@ def check_no_sync(device, vocab, hidden, n, log):
 
     pred = s.distillers.forward(shallow, slots)
     cand = filt(logits, temps, top_ks, top_ps, min_ps, 256)
-    w = fuse_candidates(cand, logits, pred, head, betas, temps)
+    w = fuse_candidates(cand, logits, pred, head, betas, temps).weights
     parts = {
         "sample() whole": lambda: s.sample(*args),
         "distiller forward": lambda: s.distillers.forward(shallow, slots),

@@ -1,8 +1,10 @@
 """How well does the online Distiller predict, and how far does fusion move the distribution?
 
-Offline diagnostic on a Hugging Face model (transformers, CPU is fine): n samples of one
-prompt are decoded in lockstep as one ESamp group (one slot), exactly as the server does
-it, and per decode step we record
+Offline diagnostic on a Hugging Face model (transformers, CPU is fine), of the latent
+variant (source: a layer's block output; target: the final normed state): n samples of
+one prompt are decoded in lockstep as one ESamp group (one slot), exactly as the server
+does it, and per decode step we record (the server reports the same signal for both
+variants in meta_info["esamp"]["signal"])
 
   rel_mse   MSE(ŷ, y) / mean(y²): 1 = no better than predicting 0, 0 = perfect;
   corr      Pearson correlation of d = W[c]·ŷ with z over the kept candidates;
@@ -21,7 +23,7 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sgl_esamp import ESampConfig, ESampSampler, filter_candidates
+from sgl_esamp import LATENT, ESampConfig, ESampSampler, SlotSegments, filter_candidates
 from sgl_esamp.tools.default_model import materialize_smollm2
 
 PROMPTS = {
@@ -37,9 +39,9 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
     head = model.get_output_embeddings().weight.detach().float()
     mlp = model.model.layers[-1].mlp
     last_mlp = tuple(m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    esamp = ESampSampler(cfg, head, norm_weight=model.model.norm.weight.detach().float(), last_mlp=last_mlp)
-    slots = esamp.assign_slots([("g", i) for i in range(n)])
-    slot_t = torch.tensor(slots)
+    esamp = ESampSampler(cfg, head, variant=LATENT, target_norm_weight=model.model.norm.weight.detach().float(),
+                         last_mlp=last_mlp)
+    slot_t = SlotSegments.of(esamp.assign_slots([("g", i) for i in range(n)]))
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.repeat(n, 1)
     gen = torch.Generator().manual_seed(0)
@@ -47,7 +49,7 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
     if prompt_train:  # steps on the prompt's own (x, y) pairs before the first token
         x, y = out.hidden_states[layer + 1][0].float(), out.hidden_states[-1][0].float()
         for _ in range(prompt_train):
-            esamp.trainer.step(x, y, torch.zeros(len(x), dtype=torch.long))
+            esamp.trainer.step(x, y, SlotSegments.of([0] * len(x)))
     past = out.past_key_values
     rows = {k: [] for k in ("rel_mse", "corr", "kl", "flip")}
     temps = torch.full((n,), temperature)

@@ -21,8 +21,8 @@ import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import VARIANTS, Candidates, ESampSampler, Pairs, Variant, filter_probs
-from sgl_esamp.sampler import device_tensor
+from sgl_esamp import VARIANTS, Candidates, ESampSampler, Pairs, SlotSegments, Variant, filter_probs
+from sgl_esamp.segments import to_device
 
 from . import request_params
 from .server_args import esamp_config
@@ -48,7 +48,7 @@ class PendingRows:
     logits: torch.Tensor
     shallow: torch.Tensor
     deep: torch.Tensor
-    slots: torch.Tensor
+    segments: SlotSegments
     betas: torch.Tensor
     seen: Pairs
 
@@ -68,14 +68,11 @@ class StepPlan:
         """True in decode steps (and one-token extends): the pairs learnt are the sampled rows' own."""
         return len(self.seen) == len(self.rows) and all(end - start == 1 for start, end, _ in self.seen)
 
-    def distinct_slots(self, device: torch.device) -> torch.Tensor:
-        return device_tensor(sorted({slot for *_, slot in self.seen}), device)
-
     def seen_pairs(self, states: "StatesOf", device: torch.device) -> Pairs:
         """Every token the step's requests of this variant extended (the new prompt part in a prefill)."""
-        index = device_tensor(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
-        slots = device_tensor(torch.cat([torch.full((end - start,), slot) for start, end, slot in self.seen]), device)
-        return Pairs(*states(index), slots, self.distinct_slots(device))
+        index = to_device(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
+        slots = [slot for start, end, slot in self.seen for _ in range(end - start)]
+        return Pairs(*states(index), SlotSegments.of(slots, device))
 
 
 StatesOf = Any  # Callable[[index tensor], (x, y)]: one variant's taps of the forward being sampled
@@ -256,12 +253,12 @@ class ESampBackend(Sampler):
     def _capture(self, variant: Variant, plan: StepPlan, logits_output: Any, logits: torch.Tensor) -> PendingRows:
         """One variant's rows: their (x, y), slots, betas and the pairs to learn."""
         device = logits.device
-        rows = device_tensor(plan.rows, device)
+        rows, token_rows = to_device(plan.rows + plan.token_rows, device).split(len(plan.rows))
         states = self._states_of(variant, logits_output)
-        shallow, deep = states(device_tensor(plan.token_rows, device))
-        slots = device_tensor(plan.slots, device)
+        shallow, deep = states(token_rows)
+        segments = SlotSegments.of(plan.slots, device)
         if plan.learns_only_sampled_rows:  # decode: no second gather of the same rows
-            seen = Pairs(shallow, deep, slots, plan.distinct_slots(device))
+            seen = Pairs(shallow, deep, segments)
         else:
             seen = plan.seen_pairs(states, device)
         return PendingRows(
@@ -270,8 +267,8 @@ class ESampBackend(Sampler):
             logits=logits.index_select(0, rows),  # pre-temperature: the stock path edits logits in place
             shallow=shallow,
             deep=deep,
-            slots=slots,
-            betas=device_tensor(plan.betas, device, torch.float32),
+            segments=segments,
+            betas=to_device(plan.betas, device, torch.float32),
             seen=seen,
         )
 
@@ -284,7 +281,7 @@ class ESampBackend(Sampler):
             tokens, capture = super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
         for part in pending or ():  # flashinfer draws the stock rows; ESamp rows use their own generator
             esamp_tokens = part.engine.sample(
-                part.logits, part.shallow, part.deep, part.slots, part.betas,
+                part.logits, part.shallow, part.deep, part.segments, part.betas,
                 *_rows_of(sampling_info, part.rows), seen=part.seen,
             )
             tokens[part.rows] = esamp_tokens.to(tokens.dtype)
@@ -293,7 +290,7 @@ class ESampBackend(Sampler):
     @staticmethod
     def _fuse(part: PendingRows, kept: Candidates, sampling_info: Any) -> Candidates:
         """Predict, fuse the kept set and queue training, for one variant's rows."""
-        return part.engine.fuse(kept, part.logits, part.shallow, part.deep, part.slots, part.betas,
+        return part.engine.fuse(kept, part.logits, part.shallow, part.deep, part.segments, part.betas,
                                 _rows_of(sampling_info, part.rows)[0], part.seen)
 
     def _draw_jointly(self, pending: list[PendingRows], probs, sampling_info, positions, simple: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .config import ESampConfig, ESampConfigError, check_beta, check_variant
 from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import Fused, draw, fuse_candidates, fuse_candidates_torch
 from .sampler import ESampSampler, Pairs, initial_weights
+from .segments import SlotSegments
 from .signal import SignalStats
 from .training import DistillerTrainer
 from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm
@@ -28,6 +29,7 @@ __all__ = [
     "Pairs",
     "REFERENCE",
     "SignalStats",
+    "SlotSegments",
     "VARIANTS",
     "Variant",
     "check_beta",

@@ -6,18 +6,15 @@ these are is the variant's choice, see variants.py):
     ŷ = LN_s( x + ((x A_s) ⊙ SiLU(x G_s + b_s)) B_s )
 
 with A_s, G_s ∈ R^{H×r}, b_s ∈ R^r, B_s ∈ R^{r×H}, and LN_s a LayerNorm whose gain
-and bias are per slot too. Every slot's parameters live in one stacked tensor so that
-one batched forward/backward serves every group of a decode step:
+and bias are per slot too. Every slot's parameters live in one tensor stacked over slots
+(dim 0): A, G [S, H, r], b [S, r], B [S, r, H], gain and bias [S, H].
 
-    A, G: [H, S, r]   (slot-major inside each input row: x @ A.view(H, S*r) is one GEMM)
-    b:    [S, r]
-    B:    [S, r, H]   (B.view(S*r, H) is the matching output GEMM)
-    gain, bias: [S, H]
-
-Row i only ever touches the r columns of its own slot: its activations are gathered
-from the [N, S*r] product and scattered back into a zero [N, S*r] block before B, so
-gradients of one slot never reach another. The cost is a GEMM of width S*r instead
-of r; for S*r of a few thousand that stays far below one decoder layer.
+A step touches only the slots that have rows in it. The host groups the rows by slot
+(segments.py); their parameters are gathered ([D, ...] for D distinct slots), the rows
+are scattered into a [D, width, H] block, and three batched GEMMs (bmm) compute every
+group's Distiller at once: the cost is that of the rows themselves (plus padding to
+the largest group), whatever the number of slots S, forward and backward, and
+gradients exist only for the gathered slots.
 """
 
 from __future__ import annotations
@@ -27,6 +24,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .segments import SlotSegments
 
 LN_EPS = 1e-5
 
@@ -134,9 +133,7 @@ def svd_init(
 
 
 class DistillerBank:
-    """Parameters of S Distillers stacked over slots, with a batched forward."""
-
-    PARAM_SLOT_DIM = {"A": 1, "G": 1, "b": 0, "B": 0, "gain": 0, "bias": 0}
+    """Parameters of S Distillers stacked over slots (dim 0), with a per-slot batched forward."""
 
     def __init__(self, init: DistillerInit, num_slots: int, device: torch.device | str, dtype: torch.dtype):
         self.hidden_size, self.rank = init.A.shape
@@ -144,45 +141,40 @@ class DistillerBank:
         self.device = torch.device(device)
         self.dtype = dtype
         self.init = DistillerInit(**{k: v.to(self.device, dtype) for k, v in vars(init).items()})
-        S = num_slots
         self.params: dict[str, torch.Tensor] = {
-            "A": self.init.A.unsqueeze(1).repeat(1, S, 1).contiguous(),
-            "G": self.init.G.unsqueeze(1).repeat(1, S, 1).contiguous(),
-            "b": self.init.b.repeat(S, 1),
-            "B": self.init.B.repeat(S, 1, 1),
-            "gain": self.init.gain.repeat(S, 1),
-            "bias": self.init.bias.repeat(S, 1),
+            name: start.unsqueeze(0).repeat(num_slots, *([1] * start.dim())).contiguous()
+            for name, start in vars(self.init).items()
         }
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Return the given slots' parameters to the initial weights (device-side, no sync)."""
         for name, param in self.params.items():
-            start = getattr(self.init, name).unsqueeze(self.PARAM_SLOT_DIM[name])
-            shape = list(param.shape)
-            shape[self.PARAM_SLOT_DIM[name]] = slots.numel()
-            param.index_copy_(self.PARAM_SLOT_DIM[name], slots, start.expand(shape))
+            start = getattr(self.init, name).unsqueeze(0)
+            param.index_copy_(0, slots, start.expand(slots.numel(), *start.shape[1:]))
 
     def slot_params(self, slot: int) -> dict[str, torch.Tensor]:
         """One slot's parameters (views), for inspection and tests."""
-        return {k: p.select(self.PARAM_SLOT_DIM[k], slot) for k, p in self.params.items()}
+        return {k: p[slot] for k, p in self.params.items()}
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor, params: Optional[dict] = None) -> torch.Tensor:
-        """Predict the deep state for each row of x [N, H] with the Distiller of slots[N].
+    def gather(self, segments: SlotSegments) -> dict[str, torch.Tensor]:
+        """The parameters of the step's distinct slots, [D, ...] each."""
+        return {k: p.index_select(0, segments.distinct) for k, p in self.params.items()}
 
-        Rows with slot < 0 are computed with slot 0 and must be ignored by the caller;
-        clamping instead of filtering keeps the shape static and the host out of it.
+    def forward(self, x: torch.Tensor, segments: SlotSegments, params: Optional[dict] = None) -> torch.Tensor:
+        """Predict the deep state for each row of x [N, H] with the Distiller of its slot.
+
+        params: the gathered [D, ...] parameters (default: gathered here). Rows without a
+        slot get an arbitrary prediction that the caller must ignore (keeping the shapes the
+        host laid out, instead of filtering on the device).
         """
-        p = self.params if params is None else params
         N, H = x.shape
-        S, r = self.num_slots, self.rank
+        if segments.num_distinct == 0:
+            return torch.zeros(N, H, device=x.device, dtype=self.dtype)
+        p = self.gather(segments) if params is None else params
         x = x.to(self.dtype)
-        slot = slots.clamp_min(0).long()
-        rows = torch.arange(N, device=x.device)
-        xa = (x @ p["A"].view(H, S * r)).view(N, S, r)[rows, slot]
-        xg = (x @ p["G"].view(H, S * r)).view(N, S, r)[rows, slot] + p["b"][slot]
-        h = xa * F.silu(xg)
-        spread = torch.zeros(N, S, r, device=x.device, dtype=self.dtype)
-        spread = spread.index_put((rows, slot), h)
-        delta = spread.view(N, S * r) @ p["B"].view(S * r, H)
+        seg, pos = segments.segment, segments.position
+        block = x.new_zeros(segments.num_distinct, segments.width + 1, H).index_put((seg, pos), x)
+        h = torch.bmm(block, p["A"]) * F.silu(torch.bmm(block, p["G"]) + p["b"].unsqueeze(1))
+        delta = torch.bmm(h, p["B"])[seg, pos]
         z = F.layer_norm(x + delta, (H,), eps=LN_EPS)
-        return z * p["gain"][slot] + p["bias"][slot]
+        return z * p["gain"][seg] + p["bias"][seg]

@@ -23,6 +23,7 @@ from .candidates import Candidates, filter_candidates
 from .config import ESampConfig
 from .distiller import DistillerBank, DistillerInit, normal_init, svd_init, zero_delta_init
 from .fusion import draw, fuse_candidates
+from .segments import SlotSegments, to_device
 from .signal import SignalStats
 from .training import DistillerTrainer
 from .variants import VARIANTS, Variant
@@ -31,24 +32,11 @@ Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_i
 
 
 class Pairs(NamedTuple):
-    """Training pairs of one forward step: shallow x [M, H], deep y [M, H], slot [M] (< 0: skip),
-    and, when known, the distinct slots among them (only those are updated)."""
+    """Training pairs of one forward step: shallow x [M, H], deep y [M, H], and their slots."""
 
     shallow: torch.Tensor
     deep: torch.Tensor
-    slots: torch.Tensor
-    distinct: Optional[torch.Tensor] = None
-
-
-def device_tensor(values: Sequence | torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Host values -> device tensor without blocking the host (pinned, non-blocking copy on CUDA)."""
-    if isinstance(values, torch.Tensor):
-        host = values if dtype is None else values.to(dtype)
-    else:
-        host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    segments: SlotSegments
 
 
 def initial_weights(
@@ -103,7 +91,7 @@ class ESampSampler:
         slots = [self.groups.slot_for(group, member) for group, member in rows]
         fresh = self.groups.take_fresh_slots()
         if fresh:
-            fresh_slots = device_tensor(fresh, self.distillers.device)
+            fresh_slots = to_device(fresh, self.distillers.device)
             self.trainer.reset_slots(fresh_slots)
             self.signal.reset_slots(fresh_slots)
         return slots
@@ -124,7 +112,7 @@ class ESampSampler:
         logits: torch.Tensor,
         shallow: torch.Tensor,
         deep: torch.Tensor,
-        slots: torch.Tensor,
+        segments: SlotSegments,
         betas: torch.Tensor,
         temperatures: torch.Tensor,
         seen: Optional[Pairs] = None,
@@ -132,7 +120,7 @@ class ESampSampler:
         """Steps 1, 3 (without the draw) and 4 for rows whose kept set is already known.
 
         logits [N, V] are pre-temperature; shallow/deep [N, H] are the variant's source
-        and target states of the same tokens. Rows with slot < 0
+        and target states of the same tokens, `segments` their slots. Rows with slot < 0
         keep their plain weights (β = 0) and are not trained on. `seen` are the pairs
         to train on (default: the rows' own); they are learnt after this prediction.
         Returns the fused, unnormalised weights over the candidates' ranks, limited to
@@ -142,13 +130,14 @@ class ESampSampler:
         if 0 < cap < candidates.weights.shape[1]:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
         self.trainer.wait()
-        prediction = self.distillers.forward(shallow, slots)
+        prediction = self.distillers.forward(shallow, segments)
+        slots = segments.slots
         betas = torch.where(slots >= 0, betas.float(), 0.0)
         fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature)
         self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, candidates.weights,
                            fused.weights, logits.float().gather(1, candidates.token_ids), fused.head_logits)
-        self.trainer.step_async(*(seen if seen is not None else Pairs(shallow, deep, slots)))
+        self.trainer.step_async(*(seen if seen is not None else Pairs(shallow, deep, segments)))
         return Candidates(fused.weights, candidates.token_ids)
 
     def sample(
@@ -156,7 +145,7 @@ class ESampSampler:
         logits: torch.Tensor,
         shallow: torch.Tensor,
         deep: torch.Tensor,
-        slots: torch.Tensor,
+        segments: SlotSegments,
         betas: torch.Tensor,
         temperatures: torch.Tensor,
         top_ks: torch.Tensor,
@@ -168,7 +157,7 @@ class ESampSampler:
         """Tokens [N]: SGLang's kept set, fused, drawn (by `draw_tokens` if given, else
         multinomial with this sampler's own generator)."""
         candidates = filter_candidates(logits, temperatures, top_ks, top_ps, min_ps, self.config.max_candidates)
-        fused = self.fuse(candidates, logits, shallow, deep, slots, betas, temperatures, seen)
+        fused = self.fuse(candidates, logits, shallow, deep, segments, betas, temperatures, seen)
         if draw_tokens is not None:
             return draw_tokens(*fused)
         return draw(*fused, generator=self.generator)

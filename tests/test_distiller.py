@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgl_esamp import DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, Pairs, filter_candidates, svd_init, zero_delta_init
+from sgl_esamp import (DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, Pairs, SlotSegments,
+                       filter_candidates, svd_init, zero_delta_init)
 
 H, R = 24, 4
 
@@ -31,7 +32,7 @@ def test_forward_is_the_documented_formula():
         p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
     x = torch.randn(5, H, dtype=torch.float64, generator=gen)
     slots = torch.tensor([2, 0, 2, 1, 0])
-    out = bank.forward(x, slots)
+    out = bank.forward(x, SlotSegments.of(slots))
     for i, s in enumerate(slots.tolist()):
         p = bank.slot_params(s)
         delta = ((x[i] @ p["A"]) * F.silu(x[i] @ p["G"] + p["b"])) @ p["B"]
@@ -47,9 +48,9 @@ def test_one_batched_step_over_k_groups_equals_k_independent_steps():
         x = torch.cat([b[0] for b in batch])
         y = torch.cat([b[1] for b in batch])
         slots = torch.cat([torch.full((len(b[0]),), g) for g, b in enumerate(batch)])
-        batched.step(x, y, slots)
+        batched.step(x, y, SlotSegments.of(slots))
         for g, (xg, yg) in enumerate(batch):
-            singles[g].step(xg, yg, torch.zeros(len(xg), dtype=torch.long))
+            singles[g].step(xg, yg, SlotSegments.of([0] * len(xg)))
     for g in range(k):
         for name, value in singles[g].bank.slot_params(0).items():
             torch.testing.assert_close(batched.bank.slot_params(g)[name], value, rtol=1e-10, atol=1e-12)
@@ -61,14 +62,13 @@ def test_training_group_a_never_touches_group_b_or_its_optimizer_state():
     trainer = make_trainer(2)
     batch = group_batches(2, 1)[0]
     trainer.step(torch.cat([batch[0][0], batch[1][0]]), torch.cat([batch[0][1], batch[1][1]]),
-                 torch.tensor([0] * len(batch[0][0]) + [1] * len(batch[1][0])))
-    snapshot = lambda s: [t.select(trainer.bank.PARAM_SLOT_DIM[n], s).clone()
-                          for state in (trainer.bank.params, trainer.exp_avg, trainer.exp_avg_sq)
-                          for n, t in state.items()]
+                 SlotSegments.of([0] * len(batch[0][0]) + [1] * len(batch[1][0])))
+    snapshot = lambda s: [t[s].clone() for state in (trainer.bank.params, trainer.exp_avg, trainer.exp_avg_sq)
+                          for t in state.values()]
     before_b = snapshot(1)
     before_a = snapshot(0)
     for _ in range(5):  # only group A trains; B has momentum that must not drift it
-        trainer.step(batch[0][0], batch[0][1], torch.zeros(len(batch[0][0]), dtype=torch.long))
+        trainer.step(batch[0][0], batch[0][1], SlotSegments.of([0] * len(batch[0][0])))
     assert all(torch.equal(a, b) for a, b in zip(snapshot(1), before_b))
     assert not all(torch.equal(a, b) for a, b in zip(snapshot(0), before_a))
     assert trainer.steps.tolist() == [6, 1]
@@ -77,7 +77,7 @@ def test_training_group_a_never_touches_group_b_or_its_optimizer_state():
 def test_rows_without_slot_are_ignored():
     trainer = make_trainer(1)
     x, y = torch.randn(3, H, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
-    trainer.step(x, y, torch.tensor([-1, -1, -1]))
+    trainer.step(x, y, SlotSegments.of([-1, -1, -1]))
     assert trainer.steps.tolist() == [0]
     assert torch.equal(trainer.bank.params["B"], torch.zeros_like(trainer.bank.params["B"]))
 
@@ -87,7 +87,7 @@ def test_loss_falls_on_a_repeated_stream_and_prediction_changes():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, H, generator=gen)
     y = torch.tanh(x @ torch.randn(H, H, generator=gen))  # a fixed, learnable mapping
-    slots = torch.zeros(6, dtype=torch.long)
+    slots = SlotSegments.of([0] * 6)
     before = trainer.bank.forward(x, slots).clone()
     losses = []
     for _ in range(60):
@@ -102,10 +102,10 @@ def test_reclaimed_slot_starts_fresh():
     args = lambda n: (torch.randn(n, 100), torch.randn(n, H), torch.randn(n, H))
     plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
     fresh = {k: v.clone() for k, v in sampler.distillers.params.items()}
-    slots = torch.tensor(sampler.assign_slots([("g", "a"), ("g", "b")]))
+    slots = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b")]))
     for _ in range(3):
         sampler.sample(*args(2), slots, torch.ones(2), **plain)
-    assert sampler.group_stats("g")["train_steps"] == 3
+    assert sampler.group_stats("g")["train_steps"] == 3 and sampler.group_stats("g")["signal"]["rows"] == 6
     sampler.release("g", "a")
     sampler.release("g", "b")
     assert sampler.stats()["slots_used"] == 0 and sampler.stats()["slots_retained"] == 1
@@ -130,35 +130,74 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
     mlp = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
     bank = DistillerBank(init, 1, "cpu", torch.float64)
     expected = F.layer_norm(x.double() + mlp.double(), (H,))
-    torch.testing.assert_close(bank.forward(x, torch.zeros(3, dtype=torch.long)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank.forward(x, SlotSegments.of([0, 0, 0])), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         svd_init(gate, up, down, inter + 1)
 
 
-def test_sparse_adam_on_the_rows_slots_or_distinct_slots_equals_the_update_over_all_slots():
-    class AllSlots(DistillerTrainer):
-        def _adam(self, grads, active, slots=None):  # force the dense pass over every slot
-            super()._adam(grads, active, None)
+def dense_step(params, moments, steps, x, y, slots, lr):
+    """The former dense path, kept as a reference: every row multiplied by every slot's parameters
+    ([H, S·r] GEMMs), gradients for all slots, masked Adam over all slots."""
+    S = steps.numel()
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    rows, slot = torch.arange(len(x)), slots.clamp_min(0)
+    A, G = p["A"].permute(1, 0, 2).reshape(H, S * R), p["G"].permute(1, 0, 2).reshape(H, S * R)
+    h = (x @ A).view(-1, S, R)[rows, slot] * F.silu((x @ G).view(-1, S, R)[rows, slot] + p["b"][slot])
+    spread = torch.zeros(len(x), S, R, dtype=x.dtype).index_put((rows, slot), h)
+    pred = F.layer_norm(x + spread.view(-1, S * R) @ p["B"].reshape(S * R, H), (H,)) * p["gain"][slot] + p["bias"][slot]
+    valid = (slots >= 0).double()
+    counts = torch.zeros(S, dtype=x.dtype).index_add_(0, slot, valid)
+    loss = torch.zeros(S, dtype=x.dtype).index_add_(0, slot, (pred - y).square().mean(-1) * valid / counts[slot].clamp_min(1))
+    grads = torch.autograd.grad(loss.sum(), list(p.values()))
+    active = counts > 0
+    steps += active.long()
+    t = steps.clamp_min(1).double()
+    for (name, param), grad in zip(params.items(), grads):
+        view = (-1,) + (1,) * (param.dim() - 1)
+        m, v = moments[name]
+        mask = active.view(view)
+        m.copy_(torch.where(mask, 0.9 * m + 0.1 * grad, m))
+        v.copy_(torch.where(mask, 0.999 * v + 0.001 * grad * grad, v))
+        update = lr * (m / (1 - 0.9 ** t).view(view)) / ((v / (1 - 0.999 ** t).view(view)).sqrt() + 1e-8)
+        param.copy_(torch.where(mask, param - update, param))
 
-    by_rows, by_distinct = make_trainer(8), make_trainer(8)
-    dense = AllSlots(DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 8, "cpu", torch.float64), 1e-2)
+
+def test_per_slot_compute_equals_the_former_dense_path_over_every_slot():
+    per_slot = make_trainer(8)
+    params = {k: v.clone() for k, v in per_slot.bank.params.items()}
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    steps = torch.zeros(8, dtype=torch.int64)
     gen = torch.Generator().manual_seed(3)
     for step in range(6):
         x, y = torch.randn(5, H, generator=gen, dtype=torch.float64), torch.randn(5, H, generator=gen, dtype=torch.float64)
         slots = torch.tensor([step % 5, 6, -1, 6, step % 5])  # a moving slot, a fixed one, a row without slot
-        by_rows.step(x, y, slots)
-        by_distinct.step(x, y, slots, distinct=torch.tensor(sorted({step % 5, 6})))
-        dense.step(x, y, slots)
-    for trainer in (by_rows, by_distinct):
-        for name in trainer.bank.params:
-            assert torch.equal(trainer.bank.params[name], dense.bank.params[name])
-            assert torch.equal(trainer.exp_avg_sq[name], dense.exp_avg_sq[name])
+        with torch.no_grad():
+            segments = SlotSegments.of(slots)
+            assert segments.width == (2 if step % 5 != 6 else 4) and segments.num_distinct == 2
+        per_slot.step(x, y, segments)
+        dense_step(params, moments, steps, x, y, slots, per_slot.lr)
+    assert torch.equal(per_slot.steps, steps)
+    for name in params:
+        torch.testing.assert_close(per_slot.bank.params[name], params[name], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(per_slot.exp_avg_sq[name], moments[name][1], rtol=1e-10, atol=1e-16)
+    idle = [s for s in range(8) if s not in (0, 1, 2, 3, 4, 6)]
+    for name, value in per_slot.bank.params.items():  # slots 5 and 7 never had rows: untouched
+        assert torch.equal(value[idle], make_trainer(8).bank.params[name][idle])
+
+
+def test_segments_are_laid_out_by_the_host_in_one_copy():
+    seg = SlotSegments.of([3, -1, 3, 0, 3])
+    assert seg.distinct.tolist() == [3, 0] and seg.counts.tolist() == [3, 1] and seg.width == 3
+    assert seg.segment.tolist() == [0, 0, 0, 1, 0] and seg.position.tolist() == [0, 3, 1, 0, 2]
+    assert seg.slots.untyped_storage().data_ptr() == seg.distinct.untyped_storage().data_ptr()  # one buffer
+    empty = SlotSegments.of([-1, -1])
+    assert empty.num_distinct == 0 and empty.width == 0
 
 
 def test_training_works_when_the_engine_samples_under_inference_mode():
     with torch.inference_mode():
         sampler = ESampSampler(ESampConfig(num_slots=2, rank=R), torch.randn(50, H))
-        slots = torch.tensor(sampler.assign_slots([("g", "a")]))
+        slots = SlotSegments.of(sampler.assign_slots([("g", "a")]))
         plain = dict(temperatures=torch.ones(1), top_ks=torch.full((1,), 1 << 30), top_ps=torch.ones(1), min_ps=torch.zeros(1))
         sampler.sample(torch.randn(1, 50), torch.randn(1, H), torch.randn(1, H), slots, torch.ones(1), **plain)
     assert sampler.group_stats("g")["train_steps"] == 1
@@ -172,12 +211,12 @@ def test_a_step_predicts_before_it_learns_the_pairs_it_saw():
     prompt_fed, rows_fed, reference = (ESampSampler(config, head) for _ in range(3))
     gen = torch.Generator().manual_seed(0)
     logits, x, y = torch.randn(2, 50, generator=gen), torch.randn(2, H, generator=gen), torch.randn(2, H, generator=gen)
-    prompt = Pairs(torch.randn(10, H, generator=gen), torch.randn(10, H, generator=gen), torch.zeros(10, dtype=torch.long))
+    prompt = Pairs(torch.randn(10, H, generator=gen), torch.randn(10, H, generator=gen), SlotSegments.of([0] * 10))
     plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
     candidates = filter_candidates(logits, *plain.values())
     outs = []
     for sampler, seen in ((prompt_fed, prompt), (rows_fed, None)):
-        slots = torch.tensor(sampler.assign_slots([("g", "a"), ("g", "b")]))
+        slots = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b")]))
         outs.append(sampler.fuse(candidates, logits, x, y, slots, torch.ones(2), plain["temperatures"], seen))
     assert torch.equal(outs[0].weights, outs[1].weights)  # same prediction: learning comes after it
     assert prompt_fed.group_stats("g")["train_pairs"] == 10 and rows_fed.group_stats("g")["train_pairs"] == 2
