@@ -40,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_check as gc  # noqa: E402  (sets TRITON_INTERPRET on CPU-only hosts)
 
 from sgl_esamp import ESampConfig, ESampSampler, filter_candidates, fuse_candidates_torch  # noqa: E402
-from sgl_esamp.fusion import draw  # noqa: E402
 
 HAS_CUDA = gc.HAS_CUDA
 MODELS = {  # hidden -> fake decoder shape (intermediate, layers, kv width)
@@ -198,7 +197,7 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
     gen = torch.Generator(device).manual_seed(0)
     r["fwd_us"] = bench_us(run(lambda i: s.distillers.forward(inputs[i][1], slots)), rep)
     r["filter_us"] = bench_us(run(lambda i: filter_candidates(inputs[i][0], temps, top_ks, top_ps, min_ps, cap)), rep)
-    r["draw_us"] = bench_us(run(lambda i: draw(fused[i], cands[i].token_ids, gen)), rep)
+    r["draw_us"] = bench_us(run(lambda i: torch.multinomial(fused[i], 1, generator=gen)), rep)
     r["train_step_us"] = bench_us(run(lambda i: s.trainer.step(inputs[i][1], inputs[i][2], slots)), rep)
     args = lambda i: (inputs[i][0], inputs[i][1], inputs[i][2], slots, betas, temps, top_ks, top_ps, min_ps)  # noqa: E731
     r["sample_us"] = bench_us(run(lambda i: s.sample(*args(i))), rep)  # main stream, waits for the last step
@@ -453,7 +452,7 @@ def traffic_model(log, hiddens, batches, vocab, bw=3.0e12, fp32_flops=51e12):
                 "distiller fwd": lambda: s.distillers.forward(shallow, slots),
                 "filter (topk 256)": lambda: filter_candidates(logits, temps, top_ks, top_ps, min_ps, 256),
                 "fusion torch ref": lambda: fuse_candidates_torch(cand, logits, pred, head, betas, temps),
-                "draw": lambda: draw(w, cand.token_ids, gen),
+                "draw": lambda: torch.multinomial(w, 1, generator=gen),
                 "train step": lambda: s.trainer.step(shallow, deep, slots),
                 "sample() total": lambda: s.sample(logits, shallow, deep, slots, betas, temps, top_ks, top_ps, min_ps),
                 "plain lite (topk 256)": lambda: plain_sample(logits, temps, top_ks, top_ps, min_ps, 256, gen),

@@ -343,7 +343,7 @@ def check_no_sync(device, vocab, hidden, n, log):
         return res
 
     from sgl_esamp.candidates import filter_candidates as filt
-    from sgl_esamp.fusion import draw, fuse_candidates
+    from sgl_esamp.fusion import fuse_candidates
 
     pred = s.distillers.forward(shallow, slots)
     cand = filt(logits, temps, top_ks, top_ps, min_ps, 256)
@@ -353,7 +353,7 @@ def check_no_sync(device, vocab, hidden, n, log):
         "distiller forward": lambda: s.distillers.forward(shallow, slots),
         "filter_candidates": lambda: filt(logits, temps, top_ks, top_ps, min_ps, 256),
         "fuse_candidates (" + fusion_backend(device) + ")": lambda: fuse_candidates(cand, logits, pred, head, betas, temps),
-        "draw (torch.multinomial)": lambda: draw(w, cand.token_ids, s.generator),
+        "draw (torch.multinomial)": lambda: torch.multinomial(w, 1, generator=s.generator),
         "trainer.step_async": lambda: s.trainer.step_async(shallow, deep, slots),
         "assign_slots (steady, no fresh slot)": lambda: s.assign_slots(group_rows(n)),
         "assign_slots (fresh slots -> reset)": lambda: s.assign_slots(group_rows(n, tag=f"x{time.time_ns()}")),

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
@@ -28,6 +28,7 @@ from . import request_params
 from .server_args import esamp_config
 from .taps import Taps
 
+StatesOf = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # token rows -> one variant's (x, y)
 RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
 
 
@@ -68,14 +69,22 @@ class StepPlan:
         """True in decode steps (and one-token extends): the pairs learnt are the sampled rows' own."""
         return len(self.seen) == len(self.rows) and all(end - start == 1 for start, end, _ in self.seen)
 
-    def seen_pairs(self, states: "StatesOf", device: torch.device) -> Pairs:
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SlotSegments]:
+        """(rows, token_rows, betas, slot segments) on the device, from one packed host copy."""
+        layout, shape = SlotSegments.host_layout(self.slots)
+        beta_bits = torch.tensor(self.betas, dtype=torch.float64).view(torch.int64)  # reinterpreted, not cast
+        n = len(self.rows)
+        packed = to_device(torch.cat([torch.tensor(self.rows + self.token_rows), beta_bits, layout]), device)
+        rows, token_rows, betas, flat = packed.split([n, n, n, layout.numel()])
+        return rows, token_rows, betas.view(torch.float64).float(), SlotSegments.from_flat(flat, shape)
+
+    def seen_pairs(self, states: StatesOf, device: torch.device) -> Pairs:
         """Every token the step's requests of this variant extended (the new prompt part in a prefill)."""
-        index = to_device(torch.cat([torch.arange(start, end) for start, end, _ in self.seen]), device)
-        slots = [slot for start, end, slot in self.seen for _ in range(end - start)]
-        return Pairs(*states(index), SlotSegments.of(slots, device))
+        index = torch.cat([torch.arange(start, end) for start, end, _ in self.seen])
+        layout, shape = SlotSegments.host_layout([slot for start, end, slot in self.seen for _ in range(end - start)])
+        index, flat = to_device(torch.cat([index, layout]), device).split([index.numel(), layout.numel()])
+        return Pairs(*states(index), SlotSegments.from_flat(flat, shape))
 
-
-StatesOf = Any  # Callable[[index tensor], (x, y)]: one variant's taps of the forward being sampled
 
 
 def _plain_backend() -> str:
@@ -253,10 +262,9 @@ class ESampBackend(Sampler):
     def _capture(self, variant: Variant, plan: StepPlan, logits_output: Any, logits: torch.Tensor) -> PendingRows:
         """One variant's rows: their (x, y), slots, betas and the pairs to learn."""
         device = logits.device
-        rows, token_rows = to_device(plan.rows + plan.token_rows, device).split(len(plan.rows))
+        rows, token_rows, betas, segments = plan.to_device(device)
         states = self._states_of(variant, logits_output)
         shallow, deep = states(token_rows)
-        segments = SlotSegments.of(plan.slots, device)
         if plan.learns_only_sampled_rows:  # decode: no second gather of the same rows
             seen = Pairs(shallow, deep, segments)
         else:
@@ -268,7 +276,7 @@ class ESampBackend(Sampler):
             shallow=shallow,
             deep=deep,
             segments=segments,
-            betas=to_device(plan.betas, device, torch.float32),
+            betas=betas,
             seen=seen,
         )
 
@@ -279,10 +287,10 @@ class ESampBackend(Sampler):
         # Stock rows are sampled exactly as a server on the plain backend would.
         with get_exec().kernel.override(sampling_backend=self.plain_backend):
             tokens, capture = super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
-        for part in pending or ():  # flashinfer draws the stock rows; ESamp rows use their own generator
+        for part in pending or ():  # flashinfer draws the stock rows; ESamp rows: one fused draw from SGLang's probs
             esamp_tokens = part.engine.sample(
                 part.logits, part.shallow, part.deep, part.segments, part.betas,
-                *_rows_of(sampling_info, part.rows), seen=part.seen,
+                *_rows_of(sampling_info, part.rows), probs=probs.index_select(0, part.rows), seen=part.seen,
             )
             tokens[part.rows] = esamp_tokens.to(tokens.dtype)
         return tokens, capture

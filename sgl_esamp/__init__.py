@@ -9,10 +9,10 @@ from .bank import GroupBank
 from .candidates import Candidates, filter_candidates, filter_probs
 from .config import ESampConfig, ESampConfigError, check_beta, check_variant
 from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
-from .fusion import Fused, draw, fuse_candidates, fuse_candidates_torch
+from .fusion import DrawResult, Fused, fuse_candidates, fuse_candidates_torch, fused_draw, fused_draw_torch
 from .sampler import ESampSampler, Pairs, initial_weights
 from .segments import SlotSegments
-from .signal import SignalStats
+from .signal import SignalStats, summarize
 from .training import DistillerTrainer
 from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm
 
@@ -22,6 +22,7 @@ __all__ = [
     "DistillerTrainer",
     "ESampConfig",
     "ESampConfigError",
+    "DrawResult",
     "ESampSampler",
     "Fused",
     "GroupBank",
@@ -34,14 +35,16 @@ __all__ = [
     "Variant",
     "check_beta",
     "check_variant",
-    "draw",
     "filter_candidates",
     "filter_probs",
     "fuse_candidates",
     "fuse_candidates_torch",
+    "fused_draw",
+    "fused_draw_torch",
     "initial_weights",
     "normal_init",
     "rms_norm",
+    "summarize",
     "svd_init",
     "zero_delta_init",
 ]

@@ -54,15 +54,26 @@ def filter_probs(
     max_candidates: int = 0,
 ) -> Candidates:
     """The kept set of probabilities [N, V] (already softmax(z / T)), ranks sorted descending."""
-    vocab = probs.shape[-1]
-    if 0 < max_candidates < vocab:
-        probs_sort, probs_idx = torch.topk(probs, k=max_candidates, dim=-1, sorted=True)
-    else:
-        probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
+    probs_sort, probs_idx = most_probable(probs, max_candidates)
+    return Candidates(filter_sorted_(probs_sort, top_ks, top_ps, min_ps), probs_idx)
+
+
+def most_probable(probs: torch.Tensor, max_candidates: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, ids) of the `max_candidates` most probable tokens (0: all), sorted
+    descending: a top-k, not a full-vocabulary sort, when bounded."""
+    if 0 < max_candidates < probs.shape[-1]:
+        return torch.topk(probs, k=max_candidates, dim=-1, sorted=True)
+    return probs.sort(dim=-1, descending=True)
+
+
+def filter_sorted_(probs_sort: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+                   min_ps: torch.Tensor) -> torch.Tensor:
+    """SGLang's top-k, top-p (on the unfiltered cumulative mass) and min-p zeroing, in place,
+    on probabilities sorted descending."""
     probs_sum = torch.cumsum(probs_sort, dim=-1)
-    ranks = torch.arange(probs_sort.shape[-1], device=probs.device).view(1, -1)
+    ranks = torch.arange(probs_sort.shape[-1], device=probs_sort.device).view(1, -1)
     probs_sort[ranks >= top_ks.view(-1, 1)] = 0.0
     probs_sort[(probs_sum - probs_sort) > top_ps.view(-1, 1)] = 0.0
     min_p_thresholds = probs_sort[:, :1] * min_ps.view(-1, 1)
     probs_sort[probs_sort < min_p_thresholds] = 0.0
-    return Candidates(probs_sort, probs_idx)
+    return probs_sort

@@ -22,9 +22,10 @@ from typing import NamedTuple
 
 import torch
 
-from .candidates import Candidates, greedy_rows
+from .candidates import Candidates, filter_sorted_, greedy_rows
 
 GATHER_CHUNK_ELEMENTS = 1 << 26  # bounds the [rows, K, H] gather of the torch path
+MAX_DRAW_K = 1024  # the fused draw kernel holds a row's K ranks in one block
 
 
 class Fused(NamedTuple):
@@ -82,10 +83,47 @@ def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.where(kept, weights * torch.exp(shift), 0.0)
 
 
-def draw(weights: torch.Tensor, token_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one token per row from unnormalised weights over ranks (torch.multinomial)."""
-    rank = torch.multinomial(weights, num_samples=1, generator=generator)
-    return token_ids.gather(1, rank).view(-1)
+class DrawResult(NamedTuple):
+    tokens: torch.Tensor  # [N] int64 drawn vocabulary ids
+    weights: torch.Tensor  # [N, K] fp32 unnormalised fused weights, 0 off the kept set
+    head_logits: torch.Tensor  # [N, K] fp32 d = W_head[id] · ŷ on the kept set (0 elsewhere in the kernel)
+
+
+def greedy_as_top1(temperatures: torch.Tensor, top_ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rows (T < eps) keep only rank 0 (as filter_candidates does) and use T = 1."""
+    greedy = greedy_rows(temperatures)
+    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
+    return temps, torch.where(greedy, torch.ones_like(top_ks), top_ks)
+
+
+def fused_draw_torch(
+    probs_sorted: torch.Tensor,
+    token_ids: torch.Tensor,
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    betas: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    d_over_temperature: bool = True,
+) -> DrawResult:
+    """Keep, fuse and draw on the K most probable tokens (probs_sorted [N, K]: SGLang's own
+    softmax(z / T), sorted descending, unfiltered). Reference of kernels.draw.fused_draw_triton."""
+    greedy = greedy_rows(temperatures)
+    _, top_ks = greedy_as_top1(temperatures, top_ks)
+    candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
+    weights, d = fuse_candidates_torch(
+        candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature
+    )
+    # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
+    # row keeps multinomial's consumption of the generator the same for every row.
+    one_hot = torch.zeros_like(weights)
+    one_hot[:, 0] = 1.0
+    rank = torch.multinomial(torch.where(greedy.view(-1, 1), one_hot, weights), 1, generator=generator)
+    return DrawResult(token_ids.gather(1, rank).view(-1), weights, d)
 
 
 def fusion_backend(device: torch.device) -> str:
@@ -114,3 +152,28 @@ def fuse_candidates(
 
         return fuse_candidates_triton(*args)
     return fuse_candidates_torch(*args)
+
+
+def fused_draw(
+    probs_sorted: torch.Tensor,
+    token_ids: torch.Tensor,
+    logits: torch.Tensor,
+    prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    betas: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    d_over_temperature: bool,
+    generator: torch.Generator,
+    philox: tuple[int, int],
+) -> DrawResult:
+    """One fused keep-fuse-draw by the backend `fusion_backend` picks: the Triton kernel draws
+    with Philox (seed, offset), the torch reference with `generator`."""
+    args = (probs_sorted, token_ids, logits, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
+    if fusion_backend(logits.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
+        from .kernels.draw import fused_draw_triton  # lazy: triton is heavy to import
+
+        return fused_draw_triton(*args, *philox, d_over_temperature=d_over_temperature)
+    return fused_draw_torch(*args, generator=generator, d_over_temperature=d_over_temperature)

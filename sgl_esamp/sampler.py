@@ -6,29 +6,31 @@ captured by the engine):
      stream wait, not a host wait);
   2. keep SGLang's candidate set of softmax(z / T) under top-k/top-p/min-p;
   3. fuse on the candidates with d = W_head[c] · ŷ and draw the token;
-  4. queue one training step on the pairs (x, y) the forward step just saw: the
-     sampled rows' own in a decode step, every prompt token of the group in a prefill.
+  4. record the novelty signal and queue one training step on the pairs (x, y) the
+     forward step just saw: the sampled rows' own in a decode step, every prompt token
+     of the group in a prefill.
+`sample` does 2-3 in one fused keep-fuse-draw (one Triton kernel on CUDA); `fuse` does
+3 without the draw, for an engine that draws all its rows in one call of its own.
 All of it runs on device tensors indexed by slot, with no loop over rows or groups.
 One ESampSampler serves one variant (variants.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, NamedTuple, Optional, Sequence
+from typing import Hashable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .bank import GroupBank
-from .candidates import Candidates, filter_candidates
+from .candidates import Candidates, most_probable
 from .config import ESampConfig
-from .distiller import DistillerBank, DistillerInit, normal_init, svd_init, zero_delta_init
-from .fusion import draw, fuse_candidates
+from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
+from .fusion import fuse_candidates, fused_draw, greedy_as_top1
+from .mirror import HostMirror
 from .segments import SlotSegments, to_device
-from .signal import SignalStats
+from .signal import SignalStats, summarize
 from .training import DistillerTrainer
 from .variants import VARIANTS, Variant
-
-Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weights, token_ids) -> tokens
 
 
 class Pairs(NamedTuple):
@@ -81,8 +83,10 @@ class ESampSampler:
             self.distillers = DistillerBank(init, config.num_slots, device, config.torch_state_dtype)
             self.trainer = DistillerTrainer(self.distillers, config.lr, self.variant.weight_decay)
         self.signal = SignalStats(config.num_slots, device)
+        self.mirror = HostMirror(self._slot_stats, self.trainer.stream)
         self.groups = GroupBank(config.num_slots)
         self.generator = torch.Generator(device).manual_seed(config.seed)
+        self.draw_offset = 0  # Philox counter of the fused draw kernel
 
     # -- host side: which slot each row uses ------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
@@ -103,6 +107,7 @@ class ESampSampler:
     def learn(self, pairs: Pairs) -> None:
         """Queue one training step on pairs seen without sampling (e.g. a prompt prefilled alone)."""
         self.trainer.step_async(*pairs)
+        self.mirror.publish()
 
     # -- device side: one step -----------------------------------------------------------
     @torch.no_grad()
@@ -129,17 +134,14 @@ class ESampSampler:
         cap = self.config.max_candidates
         if 0 < cap < candidates.weights.shape[1]:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
-        self.trainer.wait()
-        prediction = self.distillers.forward(shallow, segments)
-        slots = segments.slots
-        betas = torch.where(slots >= 0, betas.float(), 0.0)
+        prediction, betas = self._predict(shallow, segments, betas)
         fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature)
-        self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, candidates.weights,
-                           fused.weights, logits.float().gather(1, candidates.token_ids), fused.head_logits)
-        self.trainer.step_async(*(seen if seen is not None else Pairs(shallow, deep, segments)))
+        self._close_step(segments, prediction, deep, candidates, logits, fused.weights, fused.head_logits,
+                         seen if seen is not None else Pairs(shallow, deep, segments))
         return Candidates(fused.weights, candidates.token_ids)
 
+    @torch.no_grad()
     def sample(
         self,
         logits: torch.Tensor,
@@ -151,34 +153,72 @@ class ESampSampler:
         top_ks: torch.Tensor,
         top_ps: torch.Tensor,
         min_ps: torch.Tensor,
-        draw_tokens: Optional[Draw] = None,
+        probs: Optional[torch.Tensor] = None,
         seen: Optional[Pairs] = None,
     ) -> torch.Tensor:
-        """Tokens [N]: SGLang's kept set, fused, drawn (by `draw_tokens` if given, else
-        multinomial with this sampler's own generator)."""
-        candidates = filter_candidates(logits, temperatures, top_ks, top_ps, min_ps, self.config.max_candidates)
-        fused = self.fuse(candidates, logits, shallow, deep, segments, betas, temperatures, seen)
-        if draw_tokens is not None:
-            return draw_tokens(*fused)
-        return draw(*fused, generator=self.generator)
+        """Tokens [N], the whole step in one fused keep-fuse-draw (a Triton kernel on CUDA).
+
+        probs: the engine's own softmax(z / T) of these rows when it has them (computed from
+        logits otherwise); only their `max_candidates` most probable tokens are looked at."""
+        if probs is None:
+            temps, _ = greedy_as_top1(temperatures, top_ks)
+            probs = torch.softmax(logits.float() / temps.view(-1, 1), dim=-1)
+        probs_sorted, token_ids = most_probable(probs, self.config.max_candidates)
+        prediction, betas = self._predict(shallow, segments, betas)
+        drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
+                           top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self._philox(probs_sorted))
+        kept = Candidates(torch.where(drawn.weights > 0, probs_sorted.float(), 0.0), token_ids)
+        self._close_step(segments, prediction, deep, kept, logits, drawn.weights, drawn.head_logits,
+                         seen if seen is not None else Pairs(shallow, deep, segments))
+        return drawn.tokens
+
+    def _predict(self, shallow: torch.Tensor, segments: SlotSegments,
+                 betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ŷ for the rows (after the last queued training step: a stream wait), and their betas
+        (0 for rows without a slot)."""
+        self.trainer.wait()
+        prediction = self.distillers.forward(shallow, segments)
+        return prediction, torch.where(segments.slots >= 0, betas.float(), 0.0)
+
+    def _close_step(self, segments: SlotSegments, prediction: torch.Tensor, deep: torch.Tensor, kept: Candidates,
+                    logits: torch.Tensor, fused_weights: torch.Tensor, head_logits: torch.Tensor, seen: Pairs) -> None:
+        """Record the novelty signal, queue the training step, publish the stats to the host."""
+        slots = segments.slots
+        self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, kept.weights,
+                           fused_weights, logits.float().gather(1, kept.token_ids), head_logits)
+        self.trainer.step_async(*seen)
+        self.mirror.publish()
+
+    def _philox(self, probs_sorted: torch.Tensor) -> tuple[int, int]:
+        """(seed, offset) for the kernel's draw; each call uses fresh counters, with no device sync."""
+        offset = self.draw_offset
+        self.draw_offset += probs_sorted.numel()
+        return self.config.seed, offset
 
     # -- observability -----------------------------------------------------------------------
+    def _slot_stats(self) -> torch.Tensor:
+        """[S, 12] float64: steps, pairs, last loss, loss sum, then the signal sums (signal.py)."""
+        t = self.trainer
+        columns = [c.double().unsqueeze(1) for c in (t.steps, t.pairs, t.last_loss, t.loss_sum)]
+        return torch.cat(columns + [self.signal.sums], dim=1)
+
     def group_stats(self, group: Hashable) -> Optional[dict]:
-        """Training statistics of a group's slot (waits for queued training: call off the hot path)."""
+        """Training statistics of a group's slot, as far as they have reached the host (never waits)."""
         slot = self.groups.slot_of(group)
         if slot is None:
             return None
-        if self.trainer.done is not None:
-            self.trainer.done.synchronize()
-        steps = int(self.trainer.steps[slot])
+        stats = self.mirror.read()
+        row = stats[slot].tolist() if stats is not None else [0.0] * 12
+        steps, pairs, last_loss, loss_sum = row[:4]
+        steps = int(steps)
         return {
             "variant": self.variant.name,
             "slot": slot,
             "train_steps": steps,
-            "train_pairs": int(self.trainer.pairs[slot]),
-            "last_loss": float(self.trainer.last_loss[slot]) if steps else None,
-            "mean_loss": float(self.trainer.loss_sum[slot]) / steps if steps else None,
-            "signal": self.signal.summary(slot),
+            "train_pairs": int(pairs),
+            "last_loss": last_loss if steps else None,
+            "mean_loss": loss_sum / steps if steps else None,
+            "signal": summarize(row[4:]),
         }
 
     def stats(self) -> dict:

@@ -39,6 +39,13 @@ class SlotSegments(NamedTuple):
     @classmethod
     def of(cls, slots: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> "SlotSegments":
         """The layout of host-side slots (a list, or a CPU tensor), sent to `device` in one copy."""
+        flat, shape = cls.host_layout(slots)
+        return cls.from_flat(to_device(flat, torch.device(device)), shape)
+
+    @staticmethod
+    def host_layout(slots: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The layout as one flat int64 host tensor (to be packed with other per-step values)
+        and its shape (rows N, distinct slots D, width)."""
         host = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
         index: dict[int, int] = {}
         counts: list[int] = []
@@ -56,10 +63,14 @@ class SlotSegments(NamedTuple):
             counts[d] += 1
         width = max(counts, default=0)
         position = [width if p < 0 else p for p in position]
-        n, d = len(host), len(index)
-        packed = to_device(torch.tensor(host + list(index) + segment + position + counts, dtype=torch.int64),
-                           torch.device(device))
-        return cls(*packed.split([n, d, n, n, d]), width)
+        flat = torch.tensor(host + list(index) + segment + position + counts, dtype=torch.int64)
+        return flat, (len(host), len(index), width)
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int, int]) -> "SlotSegments":
+        """Views of a flat layout already on the device."""
+        n, d, width = shape
+        return cls(*flat.split([n, d, n, n, d]), width)
 
     @property
     def num_distinct(self) -> int:

@@ -4,8 +4,8 @@ For every row ESamp samples it records, against the slot's optimizer step t at t
 the Distiller's prediction error e = mean_h (ŷ - y)² on that row, the mean |z - d| over
 the kept candidates, and the KL(q ‖ p) that fusion moved the kept distribution by. The
 sums kept per slot give corr(e, t) (negative: the Distiller is learning the context, and
-its signal fades), the mean error, the mean |z - d| and the mean KL, with no host sync
-until a group's summary is read.
+its signal fades), the mean error, the mean |z - d| and the mean KL; the host reads them
+through the sampler's HostMirror, never waiting for the device.
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ class SignalStats:
         columns = torch.stack([torch.ones_like(t), t, t * t, e, e * e, t * e, kl, gap], dim=1)
         self.sums.index_add_(0, slot, columns * valid.view(-1, 1))
 
-    def summary(self, slot: int) -> Optional[dict]:
-        """corr(error, step), mean error, mean |z - d|, mean KL of a slot's rows (reads the device)."""
-        s = self.sums[slot].tolist()
-        n = s[ROWS]
-        if not n:
-            return None
-        var_t = s[T2] / n - (s[T] / n) ** 2
-        var_e = s[E2] / n - (s[E] / n) ** 2
-        cov = s[TE] / n - (s[T] / n) * (s[E] / n)
-        corr = cov / math.sqrt(var_t * var_e) if var_t > 1e-12 and var_e > 1e-24 else None
-        return {"rows": int(n), "corr_error_step": corr, "mean_error": s[E] / n,
-                "mean_abs_z_minus_d": s[GAP] / n, "mean_kl": s[KL] / n}
+
+
+def summarize(s: list[float]) -> Optional[dict]:
+    """corr(error, step), mean error, mean |z - d|, mean KL from one slot's sums (host values)."""
+    n = s[ROWS]
+    if not n:
+        return None
+    var_t = s[T2] / n - (s[T] / n) ** 2
+    var_e = s[E2] / n - (s[E] / n) ** 2
+    cov = s[TE] / n - (s[T] / n) * (s[E] / n)
+    corr = cov / math.sqrt(var_t * var_e) if var_t > 1e-12 and var_e > 1e-24 else None
+    return {"rows": int(n), "corr_error_step": corr, "mean_error": s[E] / n,
+            "mean_abs_z_minus_d": s[GAP] / n, "mean_kl": s[KL] / n}

@@ -223,3 +223,29 @@ def test_a_step_predicts_before_it_learns_the_pairs_it_saw():
     reference.learn(prompt)
     for name, value in prompt_fed.distillers.params.items():
         assert torch.equal(value, reference.distillers.params[name])  # it learnt exactly the prompt pairs
+
+
+def test_sample_draws_in_one_fused_step_what_fuse_keeps_and_trains_the_same():
+    # sample() (fused keep-fuse-draw, the engines' flashinfer path) and fuse() (the joint
+    # draw's path) see the same kept set, the same fused weights and the same training.
+    config = ESampConfig(num_slots=2, rank=R, lr=1e-2, state_dtype="float64", max_candidates=16)
+    head = torch.randn(60, H, generator=torch.Generator().manual_seed(1))
+    drawing, fusing = ESampSampler(config, head), ESampSampler(config, head)
+    gen = torch.Generator().manual_seed(2)
+    plain = dict(temperatures=torch.tensor([0.8, 1.2, 0.0]), top_ks=torch.tensor([1 << 30, 5, 1 << 30]),
+                 top_ps=torch.tensor([0.9, 1.0, 1.0]), min_ps=torch.tensor([0.0, 0.05, 0.0]))
+    for step in range(3):
+        logits, x, y = torch.randn(3, 60, generator=gen), torch.randn(3, H, generator=gen), torch.randn(3, H, generator=gen)
+        tokens = []
+        for sampler in (drawing, fusing):
+            segments = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b"), ("h", "c")]))
+            if sampler is drawing:
+                tokens = sampler.sample(logits, x, y, segments, torch.full((3,), 0.5), **plain)
+            else:
+                kept = filter_candidates(logits, *plain.values(), max_candidates=16)
+                fused = sampler.fuse(kept, logits, x, y, segments, torch.full((3,), 0.5), plain["temperatures"])
+        assert all(fused.token_ids[i][fused.weights[i] > 0].tolist().count(int(tokens[i])) == 1 for i in range(3))
+        assert tokens[2] == logits[2].argmax()  # the greedy row
+    for name, value in drawing.distillers.params.items():
+        torch.testing.assert_close(value, fusing.distillers.params[name], rtol=1e-12, atol=1e-12)
+    assert drawing.group_stats("g")["signal"] == fusing.group_stats("g")["signal"]

@@ -1,0 +1,151 @@
+"""The fused ESamp draw kernel, run under Triton's CPU interpreter, against its torch reference,
+and that reference against the project's filter/fuse semantics."""
+
+import os
+
+import pytest
+import torch
+
+from sgl_esamp import filter_candidates, fuse_candidates_torch
+from sgl_esamp.candidates import filter_sorted_
+from sgl_esamp.fusion import fused_draw_torch
+from sgl_esamp.candidates import greedy_rows
+
+pytest.importorskip("triton")
+
+TOP_K_ALL = 1 << 30
+
+
+@pytest.fixture
+def kernel_module():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest turns the interpreter on for CPU runs"
+    import sgl_esamp.kernels.draw as module
+
+    return module
+
+
+def sorted_probs(logits, temps, k):
+    """SGLang's probs softmax(z / T) (greedy rows at T = 1, as filter_candidates), top k sorted."""
+    temps = torch.where(greedy_rows(temps), torch.ones_like(temps), temps).view(-1, 1)
+    probs = torch.softmax(logits.float() / temps, dim=-1)
+    return torch.topk(probs, k=k, dim=-1, sorted=True)
+
+
+def mixed_batch(vocab, hidden, head_dtype, logits_dtype, seed):
+    """Rows: top-p, top-k, greedy (β = 2), min-p with β = 0, min-p, everything kept, greedy (β = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 7
+    logits = torch.randn(n, vocab, generator=gen) * 2
+    logits[0, :100] = float("-inf")  # banned tokens
+    logits[5] /= 4  # flat row: all K ranks kept
+    head = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(head_dtype)
+    pred = torch.randn(n, hidden, generator=gen)
+    temps = torch.tensor([0.7, 1.0, 0.0, 1.3, 0.5, 1.0, 0.0])
+    top_ks = torch.tensor([TOP_K_ALL, 10, TOP_K_ALL, TOP_K_ALL, TOP_K_ALL, TOP_K_ALL, 20], dtype=torch.int32)
+    top_ps = torch.tensor([0.6, 1.0, 1.0, 0.95, 1.0, 1.0, 0.5])
+    min_ps = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.01, 0.0, 0.1])
+    betas = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0, 1.5, 0.0])
+    return logits.to(logits_dtype), head, pred, betas, temps, top_ks, top_ps, min_ps
+
+
+def normalised(w):
+    return w / w.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("d_over_temperature", [True, False], ids=["latent", "reference"])
+@pytest.mark.parametrize(
+    "vocab,hidden,k,head_dtype,logits_dtype",
+    [(2000, 40, 64, torch.float32, torch.float32), (3000, 130, 100, torch.bfloat16, torch.bfloat16)],
+    ids=["fp32", "bf16"],
+)
+def test_triton_draw_matches_torch_reference(
+    kernel_module, vocab, hidden, k, head_dtype, logits_dtype, d_over_temperature
+):
+    logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(vocab, hidden, head_dtype, logits_dtype, k)
+    probs, ids = sorted_probs(logits, temps, k)
+    args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
+    ref = fused_draw_torch(*args, torch.Generator().manual_seed(0), d_over_temperature)
+    got = kernel_module.fused_draw_triton(*args, seed=1234, offset=0, d_over_temperature=d_over_temperature)
+
+    kept = ref.weights > 0
+    assert torch.equal(got.weights > 0, kept)
+    kept_counts = kept.sum(-1).tolist()
+    assert kept_counts[2] == kept_counts[6] == 1  # greedy rows
+    assert kept_counts[5] == k and 1 < kept_counts[0] < k and kept_counts[1] == 10
+    torch.testing.assert_close(got.head_logits[kept], ref.head_logits[kept], rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(normalised(got.weights), normalised(ref.weights), rtol=2e-4, atol=1e-6)
+    # β = 0 rows: the kept probabilities themselves.
+    for row in (3, 6):
+        torch.testing.assert_close(got.weights[row], torch.where(kept[row], probs[row], 0.0), rtol=1e-6, atol=0)
+    # Drawn tokens are kept candidates; greedy rows take the argmax.
+    for tokens in (got.tokens, ref.tokens):
+        assert all(t in ids[i][kept[i]].tolist() for i, t in enumerate(tokens.tolist()))
+        assert tokens[2] == ids[2, 0] and tokens[6] == ids[6, 0]
+
+
+@pytest.mark.parametrize("d_over_temperature", [True, False], ids=["latent", "reference"])
+def test_torch_reference_is_filter_then_fuse(kernel_module, d_over_temperature):
+    k = 64
+    logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(2000, 24, torch.float32, torch.float32, 7)
+    probs, ids = sorted_probs(logits, temps, k)
+    ref = fused_draw_torch(
+        probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps, None, d_over_temperature
+    )
+    cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=k)
+    assert torch.equal(cand.token_ids, ids)
+    assert torch.equal(ref.weights > 0, cand.weights > 0)
+    fused = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
+    assert torch.equal(ref.weights, fused.weights)
+    assert torch.equal(ref.head_logits, fused.head_logits)
+    for row in (3, 6):  # β = 0: p bit for bit
+        assert torch.equal(ref.weights[row], cand.weights[row])
+
+
+def test_triton_draw_distribution(kernel_module):
+    """Many draws of identical rows (one call, each row its own Philox counters) follow the
+    normalised reference weights: a fused row, a min-p fused row, a β = 0 row, a greedy row.
+    The interpreter spends ~10 ms a program (mostly in tl.rand), so draws are counted."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    vocab, hidden, k = 300, 16, 8
+    draws = torch.tensor([900, 900, 800, 40])
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, vocab, generator=gen)
+    logits[:, :6] = torch.tensor([4.0, 3.6, 3.3, 3.0, 2.8, 2.0])  # a handful of likely tokens
+    head = torch.randn(vocab, hidden, generator=gen) / hidden**0.5
+    pred = torch.randn(4, hidden, generator=gen)
+    temps = torch.tensor([1.0, 0.8, 1.0, 0.0])
+    top_ks = torch.tensor([5, TOP_K_ALL, 6, TOP_K_ALL])
+    top_ps = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    min_ps = torch.tensor([0.0, 0.25, 0.0, 0.0])
+    betas = torch.tensor([0.7, 1.0, 0.0, 3.0])
+    probs, ids = sorted_probs(logits, temps, k)
+    expected = normalised(
+        fused_draw_torch(probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps).weights
+    )
+    plain = normalised(filter_sorted_(probs.clone(), top_ks.clamp(max=k), top_ps, min_ps))
+    assert (expected[0] > 0).sum() == 5 and 3 <= (expected[1] > 0).sum() <= 6
+    assert torch.equal(expected[2], plain[2])  # β = 0 draws from p itself
+    assert (expected[:2] - plain[:2]).abs().max() > 0.1  # fused rows differ visibly from plain sampling
+
+    which = torch.repeat_interleave(torch.arange(4), draws)  # row i of the batch is input row which[i]
+    batch = [t[which] for t in (probs, ids, logits, pred)] + [head]  # the LM head is shared, not per row
+    batch += [t[which] for t in (betas, temps, top_ks, top_ps, min_ps)]
+    tokens = kernel_module.fused_draw_triton(*batch, seed=2024, offset=17).tokens
+    for row in range(4):
+        n = int(draws[row])
+        rank_of = {tok: r for r, tok in enumerate(ids[row].tolist())}
+        ranks = torch.tensor([rank_of[t] for t in tokens[which == row].tolist()])
+        support = expected[row] > 0
+        assert support[ranks].all()  # only kept candidates are drawn
+        freq = torch.bincount(ranks, minlength=k).double() / n
+        target = expected[row].double()
+        assert (freq - target).abs().max() < 0.05
+        if support.sum() > 1:  # chi-square goodness of fit on the kept ranks
+            target = target[support] / target[support].sum()
+            assert scipy_stats.chisquare(freq[support] * n, target * n).pvalue > 1e-3
+    assert (tokens[which == 3] == ids[3, 0]).all()  # greedy: always the argmax, whatever β
+
+    # Philox: the same (seed, offset) repeats the draws; another offset gives other draws.
+    few = [t[:100] if t is not head else t for t in batch]
+    assert torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17).tokens, tokens[:100])
+    assert not torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17 + 100 * k).tokens, tokens[:100])
