@@ -26,8 +26,8 @@ CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into 
 
 # --flag -> (ESampConfig field, type, help)
 OPTIONS = {
-    "--esamp-variant": ("variant", str, "reference (the authors' taps, target, fusion, init, AdamW) or latent "
-                                        "(default reference; a request may ask for the other)"),
+    "--esamp-variant": ("variant", str, "latent or reference (the authors' taps, target, fusion, init, AdamW) "
+                                        "(default latent; a request may ask for the other)"),
     "--esamp-beta": ("beta", float, "exploration strength, 0 = plain sampling (default 0.1; range [0, 10])"),
     "--esamp-source-layer": ("source_layer", int, "latent variant: decoder layer whose block output feeds the Distiller (default 0)"),
     "--esamp-rank": ("rank", int, "Distiller rank r (default 64)"),

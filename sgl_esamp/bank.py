@@ -25,6 +25,7 @@ class GroupState:
     slot: int
     members: set = field(default_factory=set)
     last_step: int = -1
+    fault_resets: int = 0  # times its Distiller faulted and restarted from fresh weights
 
 
 @dataclass
@@ -92,6 +93,13 @@ class GroupBank:
             return False
         state.members.discard(member)
         return not state.members
+
+    def note_fault_reset(self, group: Hashable) -> None:
+        self.groups[group].fault_resets += 1
+
+    def fault_resets(self, group: Hashable) -> int:
+        state = self.groups.get(group)
+        return 0 if state is None else state.fault_resets
 
     def slot_of(self, group: Hashable) -> Optional[int]:
         state = self.groups.get(group)

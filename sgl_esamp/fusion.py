@@ -85,8 +85,17 @@ def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 class DrawResult(NamedTuple):
     tokens: torch.Tensor  # [N] int64 drawn vocabulary ids
-    weights: torch.Tensor  # [N, K] fp32 unnormalised fused weights, 0 off the kept set
+    weights: torch.Tensor  # [N, K] fp32 unnormalised weights drawn from, 0 off the kept set
     head_logits: torch.Tensor  # [N, K] fp32 d = W_head[id] · ŷ on the kept set (0 elsewhere in the kernel)
+    kept_probs: torch.Tensor  # [N, K] fp32 the plain kept probabilities p, 0 off the kept set
+    faults: torch.Tensor  # [N] bool: fused weights unusable (NaN/Inf/none positive), drawn from p instead
+
+
+def usable_or_plain(fused: torch.Tensor, plain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, faults): rows whose fused weights are unusable (NaN/Inf, or none positive:
+    a faulty Distiller) fall back to their plain kept weights, and are flagged."""
+    faults = ~(torch.isfinite(fused).all(-1) & (fused > 0).any(-1))
+    return torch.where(faults.view(-1, 1), plain, fused), faults
 
 
 def greedy_as_top1(temperatures: torch.Tensor, top_ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +124,16 @@ def fused_draw_torch(
     greedy = greedy_rows(temperatures)
     _, top_ks = greedy_as_top1(temperatures, top_ks)
     candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
-    weights, d = fuse_candidates_torch(
+    fused, d = fuse_candidates_torch(
         candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature
     )
+    weights, faults = usable_or_plain(fused, candidates.weights)
     # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
     # row keeps multinomial's consumption of the generator the same for every row.
     one_hot = torch.zeros_like(weights)
     one_hot[:, 0] = 1.0
     rank = torch.multinomial(torch.where(greedy.view(-1, 1), one_hot, weights), 1, generator=generator)
-    return DrawResult(token_ids.gather(1, rank).view(-1), weights, d)
+    return DrawResult(token_ids.gather(1, rank).view(-1), weights, d, candidates.weights, faults)
 
 
 def fusion_backend(device: torch.device) -> str:

@@ -25,12 +25,16 @@ from .bank import GroupBank
 from .candidates import Candidates, most_probable
 from .config import ESampConfig
 from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
-from .fusion import fuse_candidates, fused_draw, greedy_as_top1
+from .fusion import fuse_candidates, fused_draw, greedy_as_top1, usable_or_plain
 from .mirror import HostMirror
 from .segments import SlotSegments, to_device
 from .signal import SignalStats, summarize
 from .training import DistillerTrainer
 from .variants import VARIANTS, Variant
+
+
+STAT_COLUMNS = ("steps", "pairs", "last_loss", "loss_sum", "faults", "resets")  # of _slot_stats
+FAULTS, RESETS = STAT_COLUMNS.index("faults"), STAT_COLUMNS.index("resets")
 
 
 class Pairs(NamedTuple):
@@ -85,16 +89,30 @@ class ESampSampler:
         self.signal = SignalStats(config.num_slots, device)
         self.mirror = HostMirror(self._slot_stats, self.trainer.stream)
         self.groups = GroupBank(config.num_slots)
+        self.slot_resets = [0] * config.num_slots  # host's count of each slot's resets (trainer.resets)
         self.generator = torch.Generator(device).manual_seed(config.seed)
         self.draw_offset = 0  # Philox counter of the fused draw kernel
 
     # -- host side: which slot each row uses ------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
-        """Slots for (group, member) rows of this step; None means plain-sampling fallback."""
+        """Slots for (group, member) rows of this step; None means plain-sampling fallback.
+
+        A group whose Distiller faulted (a non-finite loss, gradient or fused row, as the
+        host last saw its slot) restarts from fresh weights in the same slot."""
         self.groups.begin_step()
         slots = [self.groups.slot_for(group, member) for group, member in rows]
         fresh = self.groups.take_fresh_slots()
+        stats = self.mirror.read()
+        if stats is not None:
+            for group in {group for (group, _), slot in zip(rows, slots) if slot is not None}:
+                slot = self.groups.slot_of(group)
+                # the generation check skips host copies older than the slot's last reset
+                if slot not in fresh and stats[slot, FAULTS] > 0 and stats[slot, RESETS] == self.slot_resets[slot]:
+                    self.groups.note_fault_reset(group)
+                    fresh.append(slot)
         if fresh:
+            for slot in fresh:
+                self.slot_resets[slot] += 1
             fresh_slots = to_device(fresh, self.distillers.device)
             self.trainer.reset_slots(fresh_slots)
             self.signal.reset_slots(fresh_slots)
@@ -137,9 +155,10 @@ class ESampSampler:
         prediction, betas = self._predict(shallow, segments, betas)
         fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature)
-        self._close_step(segments, prediction, deep, candidates, logits, fused.weights, fused.head_logits,
+        weights, faults = usable_or_plain(fused.weights, candidates.weights)
+        self._close_step(segments, prediction, deep, candidates, logits, weights, fused.head_logits, faults,
                          seen if seen is not None else Pairs(shallow, deep, segments))
-        return Candidates(fused.weights, candidates.token_ids)
+        return Candidates(weights, candidates.token_ids)
 
     @torch.no_grad()
     def sample(
@@ -167,9 +186,8 @@ class ESampSampler:
         prediction, betas = self._predict(shallow, segments, betas)
         drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
                            top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self._philox(probs_sorted))
-        kept = Candidates(torch.where(drawn.weights > 0, probs_sorted.float(), 0.0), token_ids)
-        self._close_step(segments, prediction, deep, kept, logits, drawn.weights, drawn.head_logits,
-                         seen if seen is not None else Pairs(shallow, deep, segments))
+        self._close_step(segments, prediction, deep, Candidates(drawn.kept_probs, token_ids), logits, drawn.weights,
+                         drawn.head_logits, drawn.faults, seen if seen is not None else Pairs(shallow, deep, segments))
         return drawn.tokens
 
     def _predict(self, shallow: torch.Tensor, segments: SlotSegments,
@@ -181,9 +199,11 @@ class ESampSampler:
         return prediction, torch.where(segments.slots >= 0, betas.float(), 0.0)
 
     def _close_step(self, segments: SlotSegments, prediction: torch.Tensor, deep: torch.Tensor, kept: Candidates,
-                    logits: torch.Tensor, fused_weights: torch.Tensor, head_logits: torch.Tensor, seen: Pairs) -> None:
-        """Record the novelty signal, queue the training step, publish the stats to the host."""
+                    logits: torch.Tensor, fused_weights: torch.Tensor, head_logits: torch.Tensor, faults: torch.Tensor,
+                    seen: Pairs) -> None:
+        """Count faults, record the novelty signal, queue the training step, publish the stats to the host."""
         slots = segments.slots
+        self.trainer.faults.index_add_(0, slots.clamp_min(0), (faults & (slots >= 0)).long())
         self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, kept.weights,
                            fused_weights, logits.float().gather(1, kept.token_ids), head_logits)
         self.trainer.step_async(*seen)
@@ -197,9 +217,9 @@ class ESampSampler:
 
     # -- observability -----------------------------------------------------------------------
     def _slot_stats(self) -> torch.Tensor:
-        """[S, 12] float64: steps, pairs, last loss, loss sum, then the signal sums (signal.py)."""
+        """[S, 14] float64: STAT_COLUMNS, then the signal sums (signal.py)."""
         t = self.trainer
-        columns = [c.double().unsqueeze(1) for c in (t.steps, t.pairs, t.last_loss, t.loss_sum)]
+        columns = [c.double().unsqueeze(1) for c in (t.steps, t.pairs, t.last_loss, t.loss_sum, t.faults, t.resets)]
         return torch.cat(columns + [self.signal.sums], dim=1)
 
     def group_stats(self, group: Hashable) -> Optional[dict]:
@@ -208,8 +228,8 @@ class ESampSampler:
         if slot is None:
             return None
         stats = self.mirror.read()
-        row = stats[slot].tolist() if stats is not None else [0.0] * 12
-        steps, pairs, last_loss, loss_sum = row[:4]
+        row = stats[slot].tolist() if stats is not None else [0.0] * (len(STAT_COLUMNS) + 8)
+        steps, pairs, last_loss, loss_sum, faults, _ = row[: len(STAT_COLUMNS)]
         steps = int(steps)
         return {
             "variant": self.variant.name,
@@ -218,7 +238,9 @@ class ESampSampler:
             "train_pairs": int(pairs),
             "last_loss": last_loss if steps else None,
             "mean_loss": loss_sum / steps if steps else None,
-            "signal": summarize(row[4:]),
+            "faults": int(faults),
+            "fault_resets": self.groups.fault_resets(group),
+            "signal": summarize(row[len(STAT_COLUMNS):]),
         }
 
     def stats(self) -> dict:

@@ -43,6 +43,8 @@ class DistillerTrainer:
         self.pairs = torch.zeros(S, dtype=torch.int64, device=dev)  # (x, y) pairs learnt, all steps
         self.last_loss = torch.zeros(S, dtype=torch.float32, device=dev)
         self.loss_sum = torch.zeros(S, dtype=torch.float64, device=dev)
+        self.faults = torch.zeros(S, dtype=torch.int64, device=dev)  # non-finite losses, gradients or fused rows
+        self.resets = torch.zeros(S, dtype=torch.int64, device=dev)  # times each slot was reset (its generation)
         self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.done: Optional[torch.cuda.Event] = None
 
@@ -54,8 +56,9 @@ class DistillerTrainer:
         for state in (self.exp_avg, self.exp_avg_sq):
             for moment in state.values():
                 moment.index_fill_(0, slots, 0)
-        for stat in (self.steps, self.pairs, self.last_loss, self.loss_sum):
+        for stat in (self.steps, self.pairs, self.last_loss, self.loss_sum, self.faults):
             stat.index_fill_(0, slots, 0)
+        self.resets.index_add_(0, slots, torch.ones_like(slots))
 
     # -- the step -------------------------------------------------------------------
     def loss_per_segment(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
@@ -79,30 +82,39 @@ class DistillerTrainer:
             params = {k: p.detach().requires_grad_(True) for k, p in self.bank.gather(segments).items()}
             loss = self.loss_per_segment(x, y, segments, params)
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
+        # A slot whose loss or gradient is not finite (NaN/Inf in its hidden states, or a
+        # diverged Distiller) skips the step and counts a fault; the others step as usual.
+        loss = loss.detach()
+        ok = torch.isfinite(loss)
+        for g in grads:
+            ok &= torch.isfinite(g).flatten(1).all(1)
         slots = segments.distinct
-        self.steps.index_add_(0, slots, torch.ones_like(slots))
-        self.pairs.index_add_(0, slots, segments.counts)
-        self._adamw(slots, {k: (p.detach(), g) for (k, p), g in zip(params.items(), grads)})
-        self.last_loss.index_copy_(0, slots, loss.detach().float())
-        self.loss_sum.index_add_(0, slots, loss.detach().double())
+        self.faults.index_add_(0, slots, (~ok).long())
+        self.steps.index_add_(0, slots, ok.long())
+        self.pairs.index_add_(0, slots, segments.counts * ok)
+        self._adamw(slots, {k: (p.detach(), g) for (k, p), g in zip(params.items(), grads)}, ok)
+        self.last_loss.index_copy_(0, slots, torch.where(ok, loss, self.last_loss[slots].to(loss.dtype)).float())
+        self.loss_sum.index_add_(0, slots, torch.where(ok, loss, 0).double())
 
     @torch.no_grad()
-    def _adamw(self, slots: torch.Tensor, params_and_grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _adamw(self, slots: torch.Tensor, params_and_grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               ok: torch.Tensor) -> None:
         """AdamW as torch.optim.AdamW computes it (decay, then the bias-corrected Adam step),
-        on the gathered parameters of `slots`, written back with their moments."""
+        on the gathered parameters of `slots`, written back with their moments (unchanged
+        where `ok` is False)."""
         b1, b2 = ADAM_BETAS
         t = self.steps.index_select(0, slots).to(self.bank.dtype)
         bias1, bias2 = 1 - b1**t, 1 - b2**t
         for name, (p, grad) in params_and_grads.items():
             view = (-1,) + (1,) * (p.dim() - 1)
-            c1, c2 = bias1.view(view), bias2.view(view)
-            m = self.exp_avg[name].index_select(0, slots).mul_(b1).add_(grad, alpha=1 - b1)
-            v = self.exp_avg_sq[name].index_select(0, slots).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            if self.weight_decay:
-                p = p * (1 - self.lr * self.weight_decay)
-            p = p - self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
-            for state, value in ((self.exp_avg, m), (self.exp_avg_sq, v), (self.bank.params, p)):
-                state[name].index_copy_(0, slots, value)
+            c1, c2, keep = bias1.view(view), bias2.view(view), ok.view(view)
+            m0, v0 = self.exp_avg[name].index_select(0, slots), self.exp_avg_sq[name].index_select(0, slots)
+            m = b1 * m0 + (1 - b1) * grad
+            v = b2 * v0 + (1 - b2) * grad * grad
+            decayed = p * (1 - self.lr * self.weight_decay) if self.weight_decay else p
+            updated = decayed - self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
+            for state, new, old in ((self.exp_avg, m, m0), (self.exp_avg_sq, v, v0), (self.bank.params, updated, p)):
+                state[name].index_copy_(0, slots, torch.where(keep, new, old))
 
     # -- asynchronous use -------------------------------------------------------------
     def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments) -> None:

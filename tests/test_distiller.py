@@ -113,8 +113,9 @@ def test_reclaimed_slot_starts_fresh():
     for name, value in sampler.distillers.params.items():
         assert torch.equal(value, fresh[name])
         assert not sampler.trainer.exp_avg[name].any() and not sampler.trainer.exp_avg_sq[name].any()
-    assert sampler.group_stats("h") == {"variant": "reference", "slot": 0, "train_steps": 0, "train_pairs": 0,
-                                        "last_loss": None, "mean_loss": None, "signal": None}
+    assert sampler.group_stats("h") == {"variant": "latent", "slot": 0, "train_steps": 0, "train_pairs": 0,
+                                        "last_loss": None, "mean_loss": None, "faults": 0, "fault_resets": 0,
+                                        "signal": None}
 
 
 def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
@@ -249,3 +250,40 @@ def test_sample_draws_in_one_fused_step_what_fuse_keeps_and_trains_the_same():
     for name, value in drawing.distillers.params.items():
         torch.testing.assert_close(value, fusing.distillers.params[name], rtol=1e-12, atol=1e-12)
     assert drawing.group_stats("g")["signal"] == fusing.group_stats("g")["signal"]
+
+
+@pytest.mark.parametrize("path", ["fuse", "sample"])
+def test_a_faulty_group_falls_back_to_plain_sampling_restarts_fresh_and_leaves_the_others_alone(path):
+    config = ESampConfig(num_slots=2, rank=R, lr=1e-2, state_dtype="float64", max_candidates=16)
+    sampler = ESampSampler(config, torch.randn(60, H, generator=torch.Generator().manual_seed(1)))
+    fresh = {k: v[0].clone() for k, v in sampler.distillers.params.items()}
+    plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.full((2,), 0.9),
+                 min_ps=torch.zeros(2))
+    gen = torch.Generator().manual_seed(2)
+
+    def step(poison):
+        logits, x, y = torch.randn(2, 60, generator=gen), torch.randn(2, H, generator=gen), torch.randn(2, H, generator=gen)
+        if poison:
+            x[0] = float("nan")  # NaN in group g's hidden state
+        segments = SlotSegments.of(sampler.assign_slots([("g", "a"), ("h", "b")]))
+        kept = filter_candidates(logits, *plain.values(), max_candidates=16)
+        if path == "fuse":
+            weights = sampler.fuse(kept, logits, x, y, segments, torch.ones(2), plain["temperatures"]).weights
+            assert torch.isfinite(weights).all()
+            assert torch.equal(weights[0], kept.weights[0]) == poison  # the faulty row is sampled plainly
+            return
+        tokens = sampler.sample(logits, x, y, segments, torch.ones(2), **plain)
+        assert all(int(tokens[i]) in kept.token_ids[i][kept.weights[i] > 0].tolist() for i in range(2))
+
+    step(False)
+    h_before = {k: v[1].clone() for k, v in sampler.distillers.params.items()}
+    step(True)
+    stats = sampler.group_stats("g")
+    assert stats["faults"] >= 1 and stats["train_steps"] == 1  # the poisoned step did not train
+    assert sampler.group_stats("h")["train_steps"] == 2 and sampler.group_stats("h")["faults"] == 0
+    step(False)  # the next step restarts g from fresh weights, then trains it on a clean pair
+    stats = sampler.group_stats("g")
+    assert stats["fault_resets"] == 1 and stats["faults"] == 0 and stats["train_steps"] == 1
+    assert all(torch.isfinite(v[0]).all() for v in sampler.distillers.params.values())
+    assert not torch.equal(sampler.distillers.params["B"][1], h_before["B"])  # h kept training throughout
+    assert sampler.group_stats("h")["fault_resets"] == 0

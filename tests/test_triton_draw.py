@@ -149,3 +149,15 @@ def test_triton_draw_distribution(kernel_module):
     few = [t[:100] if t is not head else t for t in batch]
     assert torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17).tokens, tokens[:100])
     assert not torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17 + 100 * k).tokens, tokens[:100])
+
+
+def test_a_row_with_unusable_fused_weights_is_drawn_from_plain_p_and_flagged(kernel_module):
+    logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(2000, 40, torch.float32, torch.float32, 5)
+    pred[0] = float("nan")  # a faulty Distiller's prediction for row 0
+    probs, ids = sorted_probs(logits, temps, 64)
+    args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
+    for got in (fused_draw_torch(*args, torch.Generator().manual_seed(0)),
+                kernel_module.fused_draw_triton(*args, seed=3, offset=0)):
+        assert got.faults.tolist() == [True] + [False] * 6
+        assert torch.equal(got.weights[0], got.kept_probs[0]) and torch.isfinite(got.weights).all()
+        assert int(got.tokens[0]) in ids[0][got.kept_probs[0] > 0].tolist()

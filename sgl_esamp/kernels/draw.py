@@ -6,7 +6,8 @@ Given SGLang's own probabilities p = softmax(z / T) for the K most probable toke
     1. applies top-k, top-p and min-p on the K ranks (the kept set of filter_probs),
     2. gathers the LM-head rows of kept tokens only and dots them with ŷ: d = W_head[c]·ŷ,
     3. reweights: w = p · exp(β (z - s·d) / T - max), 0 off the kept set (fusion.reweight),
-    4. draws one rank ∝ w from Philox randomness (tl.rand) and writes its token id.
+    4. draws one rank ∝ w from Philox randomness (tl.rand) and writes its token id
+       (∝ the plain kept p instead, flagged as a fault, if w is not usable: NaN/Inf/all 0).
 
 That is one launch instead of filter + gather-dot + fuse + softmax + multinomial, and
 the [N, K] intermediates never leave the chip. `sgl_esamp.fusion.fused_draw_torch` is
@@ -39,6 +40,8 @@ def _esamp_draw_kernel(
     tokens_ptr,
     weights_ptr,
     d_ptr,
+    kept_ptr,
+    fault_ptr,
     seed,
     offset,
     K,
@@ -92,6 +95,11 @@ def _esamp_draw_kernel(
     shift = tl.where(kept, shift, float("-inf"))
     shift = shift - tl.max(shift, axis=0)
     w = tl.where(kept, f * tl.exp(shift), 0.0)
+    # A row whose fused weights are not usable (NaN/Inf from a faulty Distiller, or none
+    # positive) is drawn from its plain kept probabilities instead, and flagged.
+    usable = tl.sum(tl.where((w != w) | (w == float("inf")), 1, 0), axis=0) == 0
+    usable = usable & (tl.sum(tl.where(w > 0, 1, 0), axis=0) > 0)
+    w = tl.where(usable, w, f)
 
     # 4. Exponential race: argmax w / E with E ~ Exp(1) picks rank k with probability
     # w_k / Σw (equivalent to Gumbel-max) with no normalisation and no cumulative sum.
@@ -105,6 +113,8 @@ def _esamp_draw_kernel(
 
     tl.store(weights_ptr + row * K + offs_k, w, mask=in_k)
     tl.store(d_ptr + row * K + offs_k, d, mask=in_k)
+    tl.store(kept_ptr + row * K + offs_k, f, mask=in_k)
+    tl.store(fault_ptr + row, tl.where(usable, 0, 1))
     tl.store(tokens_ptr + row, tl.load(ids_ptr + row * K + rank))
 
 
@@ -138,9 +148,10 @@ def fused_draw_triton(
     device = probs_sorted.device
     tokens = torch.empty(N, device=device, dtype=torch.int64)
     weights = torch.empty(N, K, device=device, dtype=torch.float32)
-    d = torch.empty_like(weights)
+    d, kept = torch.empty_like(weights), torch.empty_like(weights)
+    faults = torch.empty(N, device=device, dtype=torch.int64)
     if N == 0:
-        return DrawResult(tokens, weights, d)
+        return DrawResult(tokens, weights, d, kept, faults.bool())
     block_k = triton.next_power_of_2(K)
     block_h = max(16, min(128, TILE_ELEMENTS // block_k))
     _esamp_draw_kernel[(N,)](
@@ -157,6 +168,8 @@ def fused_draw_triton(
         tokens,
         weights,
         d,
+        kept,
+        faults,
         seed,
         offset,
         K,
@@ -167,4 +180,4 @@ def fused_draw_triton(
         BLOCK_K=block_k,
         BLOCK_H=block_h,
     )
-    return DrawResult(tokens, weights, d)
+    return DrawResult(tokens, weights, d, kept, faults.bool())
