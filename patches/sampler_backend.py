@@ -320,12 +320,15 @@ class ESampBackend(Sampler):
         vocab, max_top_k, seed = probs.shape[1], sampling_info.max_top_k, sampling_info.sampling_seed
         width = max_top_k if (max_top_k is not None and max_top_k < vocab and seed is None) else 0
         kept = filter_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps, width)
+        # ESamp fuses at most `max_candidates` ranks: only those columns are read and written,
+        # the rest of an ESamp row is zeroed in place (no copies of whole [rows, V] matrices).
+        cap = self.config.max_candidates
+        width = cap if 0 < cap < kept.weights.shape[1] else kept.weights.shape[1]
+        head, tail = kept.weights[:, :width], kept.weights[:, width:]
         for part in pending:
-            ours = Candidates(kept.weights.index_select(0, part.rows), kept.token_ids.index_select(0, part.rows))
-            fused = self._fuse(part, ours, sampling_info)
-            weights = torch.zeros_like(ours.weights)
-            weights[:, : fused.weights.shape[1]] = fused.weights
-            kept.weights[part.rows] = weights
+            ours = Candidates(head.index_select(0, part.rows), kept.token_ids[:, :width].index_select(0, part.rows))
+            head.index_copy_(0, part.rows, self._fuse(part, ours, sampling_info).weights)
+            tail.index_fill_(0, part.rows, 0.0)
         if seed is None:
             index = torch.multinomial(kept.weights, num_samples=1)
         else:
