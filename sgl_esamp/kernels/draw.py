@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..fusion import MAX_DRAW_K, DrawResult, greedy_as_top1
+from .fusion import candidate_head_dot
 
 TILE_ELEMENTS = 8192  # BLOCK_K * BLOCK_H: bounds the gathered [K, H] tile per loop step
 
@@ -72,17 +73,7 @@ def _esamp_draw_kernel(
     # 2. d = W_head[id] · ŷ, reading LM-head rows of kept ranks only (ŷ already in the
     # head's dtype; fp32 accumulation).
     ids = tl.load(ids_ptr + row * K + offs_k, mask=kept, other=0)
-    d = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        in_h = offs_h < H
-        pred = tl.load(pred_ptr + row * H + offs_h, mask=in_h, other=0.0).to(tl.float32)
-        head = tl.load(
-            head_ptr + ids[:, None] * head_stride + offs_h[None, :],
-            mask=kept[:, None] & in_h[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        d += tl.sum(head * pred[None, :], axis=1)
+    d = candidate_head_dot(ids, kept, pred_ptr + row * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
 
     # 3. w = p · exp(shift - max over kept), shift = β (z - s·d) / T (fusion.reweight).
     z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)

@@ -21,6 +21,25 @@ BLOCK_H = 128
 
 
 @triton.jit
+def candidate_head_dot(ids, kept, pred_row_ptr, head_ptr, H, head_stride,
+                       BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """d[k] = W_head[ids[k]] · ŷ for a row's kept ranks (fp32 accumulation); LM-head rows of
+    ranks not kept are never read (masked loads)."""
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        in_h = offs_h < H
+        pred = tl.load(pred_row_ptr + offs_h, mask=in_h, other=0.0).to(tl.float32)
+        head = tl.load(
+            head_ptr + ids[:, None] * head_stride + offs_h[None, :],
+            mask=kept[:, None] & in_h[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(head * pred[None, :], axis=1)
+    return acc
+
+
+@triton.jit
 def _candidate_shift_kernel(
     weights_ptr,
     ids_ptr,
@@ -45,17 +64,7 @@ def _candidate_shift_kernel(
     weights = tl.load(weights_ptr + row * K + offs_k, mask=in_k, other=0.0)
     kept = weights > 0
     ids = tl.load(ids_ptr + row * K + offs_k, mask=kept, other=0)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        in_h = offs_h < H
-        pred = tl.load(pred_ptr + row * H + offs_h, mask=in_h, other=0.0).to(tl.float32)
-        head = tl.load(
-            head_ptr + ids[:, None] * head_stride + offs_h[None, :],
-            mask=kept[:, None] & in_h[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(head * pred[None, :], axis=1)
+    acc = candidate_head_dot(ids, kept, pred_ptr + row * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
     z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
     beta = tl.load(betas_ptr + row)
     temp = tl.load(temps_ptr + row)
