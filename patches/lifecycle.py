@@ -5,7 +5,7 @@ report per-request stats in `meta_info["esamp"]` and bank stats in `/server_info
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

@@ -65,7 +65,6 @@ def fuse_candidates_torch(
 ) -> Fused:
     """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
     weights, token_ids = candidates
-    kept = weights > 0
     greedy = greedy_rows(temperatures)
     temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
     z = logits.float().gather(1, token_ids)

@@ -256,7 +256,6 @@ def test_sample_draws_in_one_fused_step_what_fuse_keeps_and_trains_the_same():
 def test_a_faulty_group_falls_back_to_plain_sampling_restarts_fresh_and_leaves_the_others_alone(path):
     config = ESampConfig(num_slots=2, rank=R, lr=1e-2, state_dtype="float64", max_candidates=16)
     sampler = ESampSampler(config, torch.randn(60, H, generator=torch.Generator().manual_seed(1)))
-    fresh = {k: v[0].clone() for k, v in sampler.distillers.params.items()}
     plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.full((2,), 0.9),
                  min_ps=torch.zeros(2))
     gen = torch.Generator().manual_seed(2)

@@ -70,6 +70,7 @@ def test_one_reference_step_fuses_and_trains_exactly_as_the_authors_formulas():
     authors = AuthorsDistiller(init.A, init.G, init.B)
     src, tgt = authors_rms_norm(h0, w0), authors_rms_norm(h_last, w_last)
     torch.testing.assert_close(x, src, rtol=1e-6, atol=1e-6)  # rms_norm runs in float32
+    torch.testing.assert_close(y, tgt, rtol=1e-6, atol=1e-5)
     with torch.no_grad():
         d = authors(src) @ head.T
     kept_ids = [candidates.token_ids[i][candidates.weights[i] > 0] for i in range(N)]

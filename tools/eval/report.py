@@ -29,7 +29,7 @@ def markdown(results: dict[str, Any]) -> str:
     reasoning = results.get("reasoning")
     if reasoning:
         tasks = results["config"]["tasks"]
-        head = ["method"] + [f"{t} p@1 / p@{n}" for t in tasks] + [f"all p@1", f"all p@{n}"]
+        head = ["method"] + [f"{t} p@1 / p@{n}" for t in tasks] + ["all p@1", f"all p@{n}"]
         lines += [f"**Reasoning** (pass@k, unbiased estimator, n={n}, "
                   f"{results['config']['problems']} problems per task)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
