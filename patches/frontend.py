@@ -4,7 +4,7 @@ SGLang loads plugins only in its server processes, so a frontend program opts in
 with one import, which patches nothing until it runs:
 
     import sglang as sgl
-    import sgl_esamp.patches.frontend  # enables sgl.gen(..., sampling="esamp", beta=...)
+    import sgl_esamp.patches.frontend  # enables sgl.gen(..., sampling="esamp", beta=..., variant=...)
 
     @sgl.function
     def explore(s, question):
@@ -12,7 +12,7 @@ with one import, which patches nothing until it runs:
         forks = s.fork(4)
         forks += sgl.gen("idea", max_tokens=64, temperature=0.8, sampling="esamp", beta=0.7)
 
-`sampling` and `beta` travel in `custom_params`; every branch of one program (all
+`sampling`, `beta` and `variant` travel in `custom_params`; every branch of one program (all
 its forks, recursively) carries the root program's id as `group_id`, so they share
 one Distiller on the server, and different programs never do.
 """
@@ -29,19 +29,21 @@ from sglang.lang.ir import SglGen, SglSamplingParams
 
 from . import request_params
 
-ESAMP_KWARGS = (request_params.SAMPLING_KEY, request_params.BETA_KEY)
+ESAMP_KWARGS = (request_params.SAMPLING_KEY, request_params.BETA_KEY, request_params.VARIANT_KEY)
 _original_gen = lang_api.gen
 
 
 @functools.wraps(_original_gen)
-def gen(*args: Any, sampling: str | None = None, beta: float | None = None, **kwargs: Any):
-    """`sgl.gen` plus ESamp's `sampling` ("esamp" or "plain") and `beta`."""
+def gen(*args: Any, sampling: str | None = None, beta: float | None = None, variant: str | None = None,
+        **kwargs: Any):
+    """`sgl.gen` plus ESamp's `sampling` ("esamp" or "plain"), `beta` and `variant` ("latent"
+    or "reference")."""
     expr = _original_gen(*args, **kwargs)
-    params = {k: v for k, v in ((request_params.SAMPLING_KEY, sampling), (request_params.BETA_KEY, beta)) if v is not None}
+    params = {k: v for k, v in zip(ESAMP_KWARGS, (sampling, beta, variant)) if v is not None}
     if params:
         request_params.validate(params, server_is_esamp=True)  # fail in the caller, not at the server
         if not isinstance(expr, SglGen):
-            raise ValueError("sampling/beta apply to free generation, not to sgl.gen(choices=...)")
+            raise ValueError("sampling/beta/variant apply to free generation, not to sgl.gen(choices=...)")
         expr.sampling_params.custom_params = params
     return expr
 

@@ -14,7 +14,7 @@ from test_server import bank, wait_for
 def explore(s, topic, n=3):
     s += f"Ideas about {topic}:"
     forks = s.fork(n)
-    forks += sgl.gen("idea", max_tokens=10, temperature=0.9, sampling="esamp", beta=1.0)
+    forks += sgl.gen("idea", max_tokens=10, temperature=0.9, sampling="esamp", beta=1.0, variant="reference")
     s["ideas"] = [f["idea"] for f in forks]
     s["infos"] = [f.get_meta_info("idea")["esamp"] for f in forks]
 
@@ -29,7 +29,7 @@ def test_fork_branches_share_one_distiller(backend, esamp_server):
     infos = state["infos"]
     assert len(state["ideas"]) == 3
     assert len({info["group_id"] for info in infos}) == 1
-    assert all(info["enabled"] and info["train_steps"] > 0 for info in infos)
+    assert all(info["enabled"] and info["train_steps"] > 0 and info["variant"] == "reference" for info in infos)
     assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)
 
 
@@ -40,7 +40,8 @@ def test_two_programs_at_once_get_different_groups(backend, esamp_server):
     assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)
 
 
-@pytest.mark.parametrize("kwargs,field", [({"beta": math.nan}, "beta"), ({"beta": -1}, "beta"), ({"sampling": "wild"}, "sampling")])
+@pytest.mark.parametrize("kwargs,field", [({"beta": math.nan}, "beta"), ({"beta": -1}, "beta"), ({"sampling": "wild"}, "sampling"),
+                                          ({"variant": "authors"}, "variant")])
 def test_bad_frontend_arguments_fail_in_the_callers_process(kwargs, field):
     with pytest.raises(ValueError, match=field):
         sgl.gen("x", **kwargs)
