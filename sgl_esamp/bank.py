@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
 
+EVICTED_MEMORY = 4096  # evicted group keys remembered
+
+
 @dataclass
 class GroupState:
     slot: int
     members: set = field(default_factory=set)
     last_step: int = -1
     fault_resets: int = 0  # times its Distiller faulted and restarted from fresh weights
+    evictions: int = 0  # times the group lost its slot (and its trained Distiller) before
 
 
 @dataclass
@@ -48,6 +52,7 @@ class GroupBank:
         self.step = 0
         self.stats = BankStats()
         self.fresh_slots: list[int] = []  # handed out since the last take_fresh_slots()
+        self.evicted: OrderedDict[Hashable, int] = OrderedDict()  # evicted group -> times, bounded
 
     # -- per decode step ----------------------------------------------------------------
     def begin_step(self) -> None:
@@ -61,7 +66,7 @@ class GroupBank:
             if slot is None:
                 self.stats.fallback_rows += 1
                 return None
-            state = self.groups[group] = GroupState(slot)
+            state = self.groups[group] = GroupState(slot, evictions=self.evicted.pop(group, 0))
             self.stats.groups_allocated += 1
             self.fresh_slots.append(slot)
         state.members.add(member)
@@ -82,6 +87,10 @@ class GroupBank:
         for key, state in retained or idle:
             del self.groups[key]
             self.stats.groups_evicted += 1
+            # remembered so that the group, if it comes back, can tell its client it restarted
+            self.evicted[key] = state.evictions + 1
+            if len(self.evicted) > EVICTED_MEMORY:
+                self.evicted.popitem(last=False)
             return state.slot
         return None
 
@@ -100,6 +109,10 @@ class GroupBank:
     def fault_resets(self, group: Hashable) -> int:
         state = self.groups.get(group)
         return 0 if state is None else state.fault_resets
+
+    def evictions(self, group: Hashable) -> int:
+        state = self.groups.get(group)
+        return 0 if state is None else state.evictions
 
     def slot_of(self, group: Hashable) -> Optional[int]:
         state = self.groups.get(group)

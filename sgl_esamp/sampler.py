@@ -240,6 +240,7 @@ class ESampSampler:
             "mean_loss": loss_sum / steps if steps else None,
             "faults": int(faults),
             "fault_resets": self.groups.fault_resets(group),
+            "evictions": self.groups.evictions(group),
             "signal": summarize(row[len(STAT_COLUMNS):]),
         }
 

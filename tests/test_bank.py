@@ -50,3 +50,16 @@ def test_full_bank_with_only_busy_groups_falls_back_and_counts():
     assert bank.occupancy()["fallback_rows"] == 2
     bank.begin_step()
     assert bank.slot_for("late", "b") == 0  # "busy" is idle now, so it is evicted
+
+
+def test_an_evicted_group_that_comes_back_knows_it_lost_its_distiller():
+    bank = GroupBank(1)
+    bank.begin_step()
+    bank.slot_for("g", "a")
+    bank.begin_step()
+    assert bank.slot_for("h", "b") == 0  # g is idle this step: evicted for h
+    assert bank.evictions("h") == 0 and bank.slot_of("g") is None
+    bank.begin_step()
+    assert bank.slot_for("g", "a") == 0  # g comes back (evicting h), to fresh weights
+    assert bank.evictions("g") == 1 and bank.evictions("h") == 0
+    assert bank.occupancy()["groups_evicted"] == 2

@@ -115,7 +115,7 @@ def test_reclaimed_slot_starts_fresh():
         assert not sampler.trainer.exp_avg[name].any() and not sampler.trainer.exp_avg_sq[name].any()
     assert sampler.group_stats("h") == {"variant": "latent", "slot": 0, "train_steps": 0, "train_pairs": 0,
                                         "last_loss": None, "mean_loss": None, "faults": 0, "fault_resets": 0,
-                                        "signal": None}
+                                        "evictions": 0, "signal": None}
 
 
 def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
