@@ -127,11 +127,13 @@ def launch(
     port: Optional[int] = None,
     log_path: Optional[Path] = None,
     timeout: float = 300,
+    env: Optional[dict[str, str]] = None,
 ) -> Server:
-    """Start a server and wait until it generates. `plugins=False` starts stock SGLang."""
+    """Start a server and wait until it generates. `plugins=False` starts stock SGLang;
+    `env` adds environment variables."""
     port = port or free_port()
     cmd = server_command(model_path, port, esamp=esamp, extra_args=extra_args)
-    env = server_env()
+    env = {**server_env(), **(env or {})}
     if not plugins:
         env["SGLANG_PLUGINS"] = "none"  # a whitelist of plugin names: this one matches none
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{port}-", suffix=".log")[1])

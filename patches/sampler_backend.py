@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -29,7 +30,10 @@ from .server_args import esamp_config
 from .taps import Taps
 
 StatesOf = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # token rows -> one variant's (x, y)
-RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
+RELEASED_MEMORY = 4096
+# Tests only: NaN is written into the shallow state of this group's sampled rows, to check
+# that a Distiller fault stays in its group (fallback to plain sampling, fresh restart).
+FAULT_GROUP_ENV = "ESAMP_TEST_FAULT_GROUP"  # rids remembered as finished: overlap scheduling samples them once more
 
 
 def _rows_of(sampling_info: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -63,6 +67,7 @@ class StepPlan:
     slots: list[int] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
     seen: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot) token ranges learnt
+    poisoned: list[int] = field(default_factory=list)  # indices into rows whose shallow state a test poisons
 
     @property
     def learns_only_sampled_rows(self) -> bool:
@@ -134,6 +139,7 @@ class ESampBackend(Sampler):
         self.member_tokens: dict[str, Counter] = {}
         self.released: OrderedDict[str, None] = OrderedDict()
         self.fallback_tokens = 0
+        self.fault_group = os.environ.get(FAULT_GROUP_ENV)
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -231,6 +237,8 @@ class ESampBackend(Sampler):
             if not sampled:
                 continue
             counts["esamp_tokens"] += 1
+            if group == self.fault_group:
+                plan.poisoned.append(len(plan.rows))
             beta = request_esamp(reqs[i]).beta
             plan.rows.append(i)
             plan.token_rows.append(ends[i] - 1)
@@ -265,6 +273,8 @@ class ESampBackend(Sampler):
         rows, token_rows, betas, segments = plan.to_device(device)
         states = self._states_of(variant, logits_output)
         shallow, deep = states(token_rows)
+        if plan.poisoned:
+            shallow = shallow.index_fill(0, to_device(plan.poisoned, device), float("nan"))
         if plan.learns_only_sampled_rows:  # decode: no second gather of the same rows
             seen = Pairs(shallow, deep, segments)
         else:

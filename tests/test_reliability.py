@@ -1,0 +1,48 @@
+"""Faults on the real server (CPU engine, tiny random Llama): they stay in their group.
+
+The server is started with ESAMP_TEST_FAULT_GROUP, which writes NaN into the shallow hidden
+state of that group's sampled rows at every step (a Distiller fault as NaN/Inf activations
+would cause it).
+"""
+
+import threading
+
+import pytest
+
+from test_server import bank, generate, wait_for
+
+POISONED = "poisoned-group"
+
+
+@pytest.fixture(scope="module")
+def faulty_server(request, tiny_model):
+    from sgl_esamp.patches.launch import launch
+
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8"],
+                    env={"ESAMP_TEST_FAULT_GROUP": POISONED})
+    request.addfinalizer(server.stop)
+    return server
+
+
+def test_a_faulty_group_samples_plainly_restarts_fresh_and_leaves_the_others_alone(faulty_server):
+    results = {}
+
+    def run(name, group):
+        results[name] = generate(faulty_server, "The quick brown fox", n=2, max_new_tokens=12, sampling_seed=3,
+                                 custom_params={"sampling": "esamp", "beta": 1.0, "group_id": group})
+
+    threads = [threading.Thread(target=run, args=args) for args in (("faulty", POISONED), ("healthy", "healthy-group"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    faulty = [o["meta_info"]["esamp"] for o in results["faulty"]]
+    healthy = [o["meta_info"]["esamp"] for o in results["healthy"]]
+    assert all(o["meta_info"]["completion_tokens"] == 12 for o in results["faulty"])  # it still generated
+    assert max(i["fault_resets"] for i in faulty) >= 1
+    assert all(i["train_pairs"] <= 2 * 12 for i in faulty)  # poisoned steps were not trained on
+    assert all(i["faults"] == 0 and i["fault_resets"] == 0 and i["train_steps"] > 0 for i in healthy)
+    assert all(i["last_loss"] is not None and i["last_loss"] == i["last_loss"] for i in healthy)  # finite
+    assert wait_for(lambda: bank(faulty_server)["slots_used"] == 0)
+    after = generate(faulty_server, "still serving?", max_new_tokens=4, custom_params={"sampling": "esamp"})
+    assert after["meta_info"]["esamp"]["faults"] == 0
