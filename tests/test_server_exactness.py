@@ -1,8 +1,11 @@
-"""Plain rows and beta = 0 rows beside ESamp rows are token for token what stock SGLang draws.
+"""Plain rows and beta = 0 rows beside ESamp rows are token for token what stock SGLang draws,
+and ESamp itself is deterministic: same seed, same batch, same tokens.
 
-Two fresh servers with the same --random-seed get the same single batch (pre-tokenized,
-so SGLang sends it to the scheduler as one message; ignore_eos keeps every row in
-every step): one with the plugin on `--sampler esamp`, one without the plugin.
+Fresh servers with the same --random-seed get the same single batches (pre-tokenized, so
+SGLang sends each to the scheduler as one message; ignore_eos keeps every row in every
+step): two with the plugin on `--sampler esamp`, one without the plugin. (SGLang honours a
+request's `sampling_seed` only under --enable-deterministic-inference, which its CPU
+attention backend does not support; the server seed is what makes runs repeatable here.)
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +20,14 @@ ROWS = 9
 
 
 @pytest.fixture(scope="module")
-def fresh_pair(tiny_model):
-    with ThreadPoolExecutor(2) as pool:
-        esamp = pool.submit(launch, tiny_model, esamp=True, extra_args=SEED + ["--esamp-max-candidates", "0"])
-        stock = pool.submit(launch, tiny_model, esamp=False, plugins=False, extra_args=SEED)
-        servers = [esamp.result(), stock.result()]
+def fresh_servers(tiny_model):
+    """(esamp, its twin, stock), all fresh, all with the same seed."""
+    esamp_args = SEED + ["--esamp-max-candidates", "0"]
+    with ThreadPoolExecutor(3) as pool:
+        starting = [pool.submit(launch, tiny_model, esamp=True, extra_args=esamp_args),
+                    pool.submit(launch, tiny_model, esamp=True, extra_args=esamp_args),
+                    pool.submit(launch, tiny_model, esamp=False, plugins=False, extra_args=SEED)]
+        servers = [s.result() for s in starting]
     yield servers
     for server in servers:
         server.stop()
@@ -41,12 +47,14 @@ def batch(server, custom_params, **sampling):
 
 
 @pytest.mark.parametrize("filters", [{"top_p": 0.9}, {}], ids=["top_p", "temperature_only"])
-def test_plain_and_beta_zero_rows_match_a_server_without_the_plugin(fresh_pair, filters):
-    esamp, stock = fresh_pair
+def test_plain_and_beta_zero_rows_match_a_server_without_the_plugin(fresh_servers, filters):
+    esamp, twin, stock = fresh_servers
     kinds = ["plain", "beta0", "explore"] * (ROWS // 3)
     params = [{"sampling": "plain"}, {"beta": 0.0}, {"beta": 3.0}] * (ROWS // 3)
     got = batch(esamp, params, **filters)
     want = batch(stock, [None] * ROWS, **filters)
+    again = batch(twin, params, **filters)
+    assert [g["output_ids"] for g in got] == [a["output_ids"] for a in again]  # ESamp rows included
     for kind, g, w in zip(kinds, got, want):
         if kind != "explore":
             assert g["output_ids"] == w["output_ids"], kind
