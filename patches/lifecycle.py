@@ -9,7 +9,7 @@ from typing import Optional
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from . import request_params
+from . import metrics, request_params
 from .sampler_backend import ESampBackend
 from .server_args import BACKEND
 
@@ -73,6 +73,7 @@ def _stream_output(original, streamer, reqs, *args, **kwargs):
                 stats = sampler.finish(req.rid)
                 if stats is not None:
                     req.customized_info = {**(req.customized_info or {}), META_KEY: [stats]}
+        metrics.publish(sampler.server_stats)
     return original(streamer, reqs, *args, **kwargs)
 
 

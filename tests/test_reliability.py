@@ -1,6 +1,7 @@
-"""Faults on the real server (CPU engine, tiny random Llama): they stay in their group.
+"""Faults on the real server (CPU engine, tiny random Llama): they stay in their group; and the
+bank figures reach SGLang's Prometheus metrics.
 
-The server is started with ESAMP_TEST_FAULT_GROUP, which writes NaN into the shallow hidden
+The server is started with --enable-metrics and ESAMP_TEST_FAULT_GROUP, which writes NaN into the shallow hidden
 state of that group's sampled rows at every step (a Distiller fault as NaN/Inf activations
 would cause it).
 """
@@ -8,6 +9,7 @@ would cause it).
 import threading
 
 import pytest
+import requests
 
 from test_server import bank, generate, wait_for
 
@@ -18,7 +20,7 @@ POISONED = "poisoned-group"
 def faulty_server(request, tiny_model):
     from sgl_esamp.patches.launch import launch
 
-    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8"],
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--enable-metrics"],
                     env={"ESAMP_TEST_FAULT_GROUP": POISONED})
     request.addfinalizer(server.stop)
     return server
@@ -46,3 +48,16 @@ def test_a_faulty_group_samples_plainly_restarts_fresh_and_leaves_the_others_alo
     assert wait_for(lambda: bank(faulty_server)["slots_used"] == 0)
     after = generate(faulty_server, "still serving?", max_new_tokens=4, custom_params={"sampling": "esamp"})
     assert after["meta_info"]["esamp"]["faults"] == 0
+
+
+def test_bank_figures_reach_prometheus(faulty_server):
+    generate(faulty_server, "Once upon a time", n=2, max_new_tokens=4, custom_params={"sampling": "esamp"})
+
+    def gauge(name):
+        text = requests.get(faulty_server.url + "/metrics", timeout=60).text
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"esamp:{name}")]
+        return values[0] if values else None
+
+    assert wait_for(lambda: (gauge("groups_allocated") or 0) >= 1)
+    assert gauge("slots_total") == 8 * len(bank(faulty_server)["by_variant"])
+    assert wait_for(lambda: gauge("slots_used") == bank(faulty_server)["slots_used"] == 0)
