@@ -17,9 +17,9 @@ QUICK = dict(n=4, problems=2, prompts=1, creative_prompts=1, reasoning_tokens=32
              betas=[0.8], dev_problems=1, dev_prompts=1, dev_creative_prompts=1)
 # The authors' settings (n = 16, T = 0.8, top-p 0.95, β in {0.1, 0.8}) with long generations,
 # problem and prompt counts sized for about an hour of generation on SGLang's CPU engine
-# (2 cores, SmolLM2-135M); scale them up on a GPU.
-FULL = dict(n=16, problems=12, prompts=6, creative_prompts=6, reasoning_tokens=128, writing_tokens=192,
-            betas=[0.1, 0.8], dev_problems=4, dev_prompts=2, dev_creative_prompts=2)
+# (2 cores, SmolLM2-135M: the docs/EVAL.md run); scale them up on a GPU.
+FULL = dict(n=16, problems=6, prompts=4, creative_prompts=4, reasoning_tokens=128, writing_tokens=192,
+            betas=[0.1, 0.8], dev_problems=2, dev_prompts=1, dev_creative_prompts=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
