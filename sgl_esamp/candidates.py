@@ -30,6 +30,22 @@ def greedy_rows(temperatures: torch.Tensor) -> torch.Tensor:
     return temperatures < SAMPLING_EPS
 
 
+def sampling_temperatures(temperatures: torch.Tensor) -> torch.Tensor:
+    """The temperatures logits are divided by: greedy rows (T < eps) use 1."""
+    return torch.where(greedy_rows(temperatures), torch.ones_like(temperatures), temperatures)
+
+
+def greedy_as_top1(temperatures: torch.Tensor, top_ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temperatures, top_ks) with greedy rows at T = 1 keeping only rank 0."""
+    top_ks = torch.where(greedy_rows(temperatures), torch.ones_like(top_ks), top_ks)
+    return sampling_temperatures(temperatures), top_ks
+
+
+def sampling_probs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """softmax(z / T) as SGLang samples from it (greedy rows at T = 1)."""
+    return torch.softmax(logits.float() / sampling_temperatures(temperatures).view(-1, 1), dim=-1)
+
+
 def filter_candidates(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
@@ -39,11 +55,8 @@ def filter_candidates(
     max_candidates: int = 0,
 ) -> Candidates:
     """SGLang-equivalent kept set for logits [N, V]; temperature 0 rows keep only the argmax."""
-    greedy = greedy_rows(temperatures)
-    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).view(-1, 1)
-    top_ks = torch.where(greedy, torch.ones_like(top_ks), top_ks)
-    probs = torch.softmax(logits.float() / temps, dim=-1)
-    return filter_probs(probs, top_ks, top_ps, min_ps, max_candidates)
+    _, top_ks = greedy_as_top1(temperatures, top_ks)
+    return filter_probs(sampling_probs(logits, temperatures), top_ks, top_ps, min_ps, max_candidates)
 
 
 def filter_probs(

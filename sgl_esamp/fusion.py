@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .candidates import Candidates, filter_sorted_, greedy_rows
+from .candidates import Candidates, filter_sorted_, greedy_as_top1, greedy_rows, sampling_temperatures
 
 GATHER_CHUNK_ELEMENTS = 1 << 26  # bounds the [rows, K, H] gather of the torch path
 MAX_DRAW_K = 1024  # the fused draw kernel holds a row's K ranks in one block
@@ -65,8 +65,7 @@ def fuse_candidates_torch(
 ) -> Fused:
     """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
     weights, token_ids = candidates
-    greedy = greedy_rows(temperatures)
-    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
+    temps = sampling_temperatures(temperatures).float()
     z = logits.float().gather(1, token_ids)
     d = candidate_head_logits(lm_head_weight, token_ids, prediction)
     scale = shift_scale(temps, d_over_temperature).view(-1, 1)
@@ -95,13 +94,6 @@ def usable_or_plain(fused: torch.Tensor, plain: torch.Tensor) -> tuple[torch.Ten
     a faulty Distiller) fall back to their plain kept weights, and are flagged."""
     faults = ~(torch.isfinite(fused).all(-1) & (fused > 0).any(-1))
     return torch.where(faults.view(-1, 1), plain, fused), faults
-
-
-def greedy_as_top1(temperatures: torch.Tensor, top_ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy rows (T < eps) keep only rank 0 (as filter_candidates does) and use T = 1."""
-    greedy = greedy_rows(temperatures)
-    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()
-    return temps, torch.where(greedy, torch.ones_like(top_ks), top_ks)
 
 
 def fused_draw_torch(

@@ -22,10 +22,10 @@ from typing import Hashable, NamedTuple, Optional, Sequence
 import torch
 
 from .bank import GroupBank
-from .candidates import Candidates, most_probable
+from .candidates import Candidates, most_probable, sampling_probs
 from .config import ESampConfig
 from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
-from .fusion import fuse_candidates, fused_draw, greedy_as_top1, usable_or_plain
+from .fusion import fuse_candidates, fused_draw, usable_or_plain
 from .mirror import HostMirror
 from .segments import SlotSegments, to_device
 from .signal import SignalStats, summarize
@@ -180,8 +180,7 @@ class ESampSampler:
         probs: the engine's own softmax(z / T) of these rows when it has them (computed from
         logits otherwise); only their `max_candidates` most probable tokens are looked at."""
         if probs is None:
-            temps, _ = greedy_as_top1(temperatures, top_ks)
-            probs = torch.softmax(logits.float() / temps.view(-1, 1), dim=-1)
+            probs = sampling_probs(logits, temperatures)
         probs_sorted, token_ids = most_probable(probs, self.config.max_candidates)
         prediction, betas = self._predict(shallow, segments, betas)
         drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,

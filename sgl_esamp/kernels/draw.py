@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fusion import MAX_DRAW_K, DrawResult, greedy_as_top1
+from ..candidates import greedy_as_top1
+from ..fusion import MAX_DRAW_K, DrawResult
 from .fusion import candidate_head_dot
 
 TILE_ELEMENTS = 8192  # BLOCK_K * BLOCK_H: bounds the gathered [K, H] tile per loop step
@@ -152,7 +153,7 @@ def fused_draw_triton(
         prediction.to(lm_head_weight.dtype).contiguous(),
         lm_head_weight,
         betas.float().contiguous(),
-        temps.contiguous(),
+        temps.float().contiguous(),
         top_ks.to(torch.int64).contiguous(),
         top_ps.float().contiguous(),
         min_ps.float().contiguous(),

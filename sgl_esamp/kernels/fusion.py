@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..candidates import Candidates, greedy_rows
+from ..candidates import Candidates, sampling_temperatures
 from ..fusion import Fused, reweight, shift_scale
 
 BLOCK_K = 16
@@ -86,7 +86,7 @@ def fuse_candidates_triton(
     weights, token_ids = candidates
     N, K = weights.shape
     H = prediction.shape[-1]
-    temps = torch.where(greedy_rows(temperatures), torch.ones_like(temperatures), temperatures).float().contiguous()
+    temps = sampling_temperatures(temperatures).float().contiguous()
     weights = weights.contiguous()
     shift = torch.empty(N, K, device=weights.device, dtype=torch.float32)
     d = torch.empty_like(shift)
