@@ -19,6 +19,7 @@ gradients exist only for the gathered slots.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -133,7 +134,11 @@ def svd_init(
 
 
 class DistillerBank:
-    """Parameters of S Distillers stacked over slots (dim 0), with a per-slot batched forward."""
+    """Parameters of S Distillers stacked over slots (dim 0), with a per-slot batched forward.
+
+    All of a slot's parameters are one row of a flat [S, P] tensor, and `params` are views
+    of it by name; gathering, resetting and the optimizer then each take one operation for
+    all parameters, which keeps the host's work per step small."""
 
     def __init__(self, init: DistillerInit, num_slots: int, device: torch.device | str, dtype: torch.dtype):
         self.hidden_size, self.rank = init.A.shape
@@ -141,36 +146,40 @@ class DistillerBank:
         self.device = torch.device(device)
         self.dtype = dtype
         self.init = DistillerInit(**{k: v.to(self.device, dtype) for k, v in vars(init).items()})
-        self.params: dict[str, torch.Tensor] = {
-            name: start.unsqueeze(0).repeat(num_slots, *([1] * start.dim())).contiguous()
-            for name, start in vars(self.init).items()
-        }
+        self.shapes = {name: tuple(start.shape) for name, start in vars(self.init).items()}
+        self.init_flat = torch.cat([start.flatten() for start in vars(self.init).values()])
+        self.flat = self.init_flat.unsqueeze(0).repeat(num_slots, 1)  # [S, P]
+        self.params: dict[str, torch.Tensor] = self.views(self.flat)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views [rows, ...] of a flat [rows, P] tensor laid out as `flat`."""
+        sizes = [math.prod(shape) for shape in self.shapes.values()]
+        return {name: part.view(flat.shape[0], *shape)
+                for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Return the given slots' parameters to the initial weights (device-side, no sync)."""
-        for name, param in self.params.items():
-            start = getattr(self.init, name).unsqueeze(0)
-            param.index_copy_(0, slots, start.expand(slots.numel(), *start.shape[1:]))
+        self.flat.index_copy_(0, slots, self.init_flat.expand(slots.numel(), -1))
 
     def slot_params(self, slot: int) -> dict[str, torch.Tensor]:
         """One slot's parameters (views), for inspection and tests."""
         return {k: p[slot] for k, p in self.params.items()}
 
-    def gather(self, segments: SlotSegments) -> dict[str, torch.Tensor]:
-        """The parameters of the step's distinct slots, [D, ...] each."""
-        return {k: p.index_select(0, segments.distinct) for k, p in self.params.items()}
+    def gather(self, segments: SlotSegments) -> torch.Tensor:
+        """The flat parameters [D, P] of the step's distinct slots (`views` names them)."""
+        return self.flat.index_select(0, segments.distinct)
 
     def forward(self, x: torch.Tensor, segments: SlotSegments, params: Optional[dict] = None) -> torch.Tensor:
         """Predict the deep state for each row of x [N, H] with the Distiller of its slot.
 
-        params: the gathered [D, ...] parameters (default: gathered here). Rows without a
+        params: the gathered parameters by name, [D, ...] each (default: gathered here). Rows without a
         slot get an arbitrary prediction that the caller must ignore (keeping the shapes the
         host laid out, instead of filtering on the device).
         """
         N, H = x.shape
         if segments.num_distinct == 0:
             return torch.zeros(N, H, device=x.device, dtype=self.dtype)
-        p = self.gather(segments) if params is None else params
+        p = self.views(self.gather(segments)) if params is None else params
         x = x.to(self.dtype)
         seg, pos = segments.segment, segments.position
         block = x.new_zeros(segments.num_distinct, segments.width + 1, H).index_put((seg, pos), x)

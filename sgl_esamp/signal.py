@@ -39,18 +39,16 @@ class SignalStats:
         head_logits: torch.Tensor,
     ) -> None:
         """Rows [N] with slot >= 0: kept_probs/fused_weights/logits/head_logits are [N, K] on ranks."""
-        valid = (slots >= 0).double()
-        slot = slots.clamp_min(0).long()
-        t = steps.double()
-        e = (prediction.double() - target.double()).square().mean(-1)
-        kept = kept_probs > 0
-        p = kept_probs.double() / kept_probs.double().sum(-1, keepdim=True).clamp_min(1e-300)
-        q = fused_weights.double() / fused_weights.double().sum(-1, keepdim=True).clamp_min(1e-300)
-        kl = torch.where(kept & (q > 0), q * (q.log() - p.log()), 0.0).sum(-1)
-        gap = torch.where(kept, (logits.double() - head_logits.double()).abs(), 0.0).sum(-1) / kept.sum(-1).clamp_min(1)
+        # per-row values in float32 (few ops: the host enqueues each), sums in float64
+        t = steps.float()
+        e = (prediction.float() - target.float()).square().mean(-1)
+        kept = (kept_probs > 0).float()
+        p = kept_probs.float() / kept_probs.float().sum(-1, keepdim=True).clamp_min(1e-30)
+        q = fused_weights.float() / fused_weights.float().sum(-1, keepdim=True).clamp_min(1e-30)
+        kl = (torch.xlogy(q, q) - torch.xlogy(q, p)).sum(-1)  # q > 0 only where p > 0 (kept ranks)
+        gap = ((logits.float() - head_logits.float()).abs() * kept).sum(-1) / kept.sum(-1).clamp_min(1)
         columns = torch.stack([torch.ones_like(t), t, t * t, e, e * e, t * e, kl, gap], dim=1)
-        self.sums.index_add_(0, slot, columns * valid.view(-1, 1))
-
+        self.sums.index_add_(0, slots.clamp_min(0), columns.double() * (slots >= 0).double().unsqueeze(1))
 
 
 def summarize(s: list[float]) -> Optional[dict]:

@@ -37,8 +37,8 @@ class DistillerTrainer:
         self.lr = lr
         self.weight_decay = weight_decay
         S, dev = bank.num_slots, bank.device
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in bank.params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in bank.params.items()}
+        self.exp_avg_flat, self.exp_avg_sq_flat = torch.zeros_like(bank.flat), torch.zeros_like(bank.flat)
+        self.exp_avg, self.exp_avg_sq = bank.views(self.exp_avg_flat), bank.views(self.exp_avg_sq_flat)
         self.steps = torch.zeros(S, dtype=torch.int64, device=dev)
         self.pairs = torch.zeros(S, dtype=torch.int64, device=dev)  # (x, y) pairs learnt, all steps
         self.last_loss = torch.zeros(S, dtype=torch.float32, device=dev)
@@ -53,9 +53,8 @@ class DistillerTrainer:
         """Fresh parameters, optimizer state and statistics for reused slots."""
         self.wait()
         self.bank.reset_slots(slots)
-        for state in (self.exp_avg, self.exp_avg_sq):
-            for moment in state.values():
-                moment.index_fill_(0, slots, 0)
+        for moment in (self.exp_avg_flat, self.exp_avg_sq_flat):
+            moment.index_fill_(0, slots, 0)
         for stat in (self.steps, self.pairs, self.last_loss, self.loss_sum, self.faults):
             stat.index_fill_(0, slots, 0)
         self.resets.index_add_(0, slots, torch.ones_like(slots))
@@ -79,42 +78,40 @@ class DistillerTrainer:
         with torch.inference_mode(False), torch.enable_grad():
             if any(t.is_inference() for t in (x, y, segments.slots)):
                 x, y, segments = x.clone(), y.clone(), segments.clone()
-            params = {k: p.detach().requires_grad_(True) for k, p in self.bank.gather(segments).items()}
+            flat = self.bank.gather(segments)
+            # leaf views, one gradient each, so backward never builds a [D, P] gradient per view
+            params = {k: v.requires_grad_(True) for k, v in self.bank.views(flat).items()}
             loss = self.loss_per_segment(x, y, segments, params)
             grads = torch.autograd.grad(loss.sum(), list(params.values()))
+        grad = torch.cat([g.flatten(1) for g in grads], dim=1)  # [D, P], laid out as `flat`
         # A slot whose loss or gradient is not finite (NaN/Inf in its hidden states, or a
         # diverged Distiller) skips the step and counts a fault; the others step as usual.
         loss = loss.detach()
-        ok = torch.isfinite(loss)
-        for g in grads:
-            ok &= torch.isfinite(g).flatten(1).all(1)
+        ok = torch.isfinite(loss) & torch.isfinite(grad).all(1)
         slots = segments.distinct
         self.faults.index_add_(0, slots, (~ok).long())
         self.steps.index_add_(0, slots, ok.long())
         self.pairs.index_add_(0, slots, segments.counts * ok)
-        self._adamw(slots, {k: (p.detach(), g) for (k, p), g in zip(params.items(), grads)}, ok)
+        self._adamw(slots, flat, grad, ok)
         self.last_loss.index_copy_(0, slots, torch.where(ok, loss, self.last_loss[slots].to(loss.dtype)).float())
         self.loss_sum.index_add_(0, slots, torch.where(ok, loss, 0).double())
 
     @torch.no_grad()
-    def _adamw(self, slots: torch.Tensor, params_and_grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               ok: torch.Tensor) -> None:
+    def _adamw(self, slots: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor) -> None:
         """AdamW as torch.optim.AdamW computes it (decay, then the bias-corrected Adam step),
-        on the gathered parameters of `slots`, written back with their moments (unchanged
-        where `ok` is False)."""
+        on the flat parameters [D, P] gathered for `slots`, written back with their moments
+        (unchanged where `ok` is False)."""
         b1, b2 = ADAM_BETAS
-        t = self.steps.index_select(0, slots).to(self.bank.dtype)
+        t = self.steps.index_select(0, slots).to(self.bank.dtype).unsqueeze(1)
         bias1, bias2 = 1 - b1**t, 1 - b2**t
-        for name, (p, grad) in params_and_grads.items():
-            view = (-1,) + (1,) * (p.dim() - 1)
-            c1, c2, keep = bias1.view(view), bias2.view(view), ok.view(view)
-            m0, v0 = self.exp_avg[name].index_select(0, slots), self.exp_avg_sq[name].index_select(0, slots)
-            m = b1 * m0 + (1 - b1) * grad
-            v = b2 * v0 + (1 - b2) * grad * grad
-            decayed = p * (1 - self.lr * self.weight_decay) if self.weight_decay else p
-            updated = decayed - self.lr * (m / c1) / ((v / c2).sqrt() + ADAM_EPS)
-            for state, new, old in ((self.exp_avg, m, m0), (self.exp_avg_sq, v, v0), (self.bank.params, updated, p)):
-                state[name].index_copy_(0, slots, torch.where(keep, new, old))
+        keep = ok.unsqueeze(1)
+        m0, v0 = self.exp_avg_flat.index_select(0, slots), self.exp_avg_sq_flat.index_select(0, slots)
+        m = b1 * m0 + (1 - b1) * grad
+        v = b2 * v0 + (1 - b2) * grad * grad
+        decayed = param * (1 - self.lr * self.weight_decay) if self.weight_decay else param
+        updated = decayed - self.lr * (m / bias1) / ((v / bias2).sqrt() + ADAM_EPS)
+        for state, new, old in ((self.exp_avg_flat, m, m0), (self.exp_avg_sq_flat, v, v0), (self.bank.flat, updated, param)):
+            state.index_copy_(0, slots, torch.where(keep, new, old))
 
     # -- asynchronous use -------------------------------------------------------------
     def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments) -> None:
