@@ -76,12 +76,40 @@ def server_command(model_path: str | Path, port: int, *, esamp: bool, extra_args
     return cmd + list(extra_args)
 
 
-def server_env() -> dict[str, str]:
+def _flag_value(args: Sequence[str], *names: str, default: int = 1) -> int:
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == name and i + 1 < len(args):
+                return int(args[i + 1])
+            if arg.startswith(name + "="):
+                return int(arg.split("=", 1)[1])
+    return default
+
+
+def cpu_rank_binding(ranks: int, cores: Sequence[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `ranks` CPU ranks: the cores split into contiguous
+    shares, "0|1" or "0-3|4-7" (SGLang asks for it when ranks outnumber NUMA nodes)."""
+    cores = sorted(cores)
+    if len(cores) < ranks:
+        raise ValueError(f"{ranks} CPU ranks (dp-size x tp-size) need at least {ranks} cores, have {len(cores)}")
+    share = len(cores) // ranks
+    parts = [cores[r * share:(r + 1) * share] for r in range(ranks)]
+    return "|".join(f"{p[0]}" if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
+def server_env(extra_args: Sequence[str] = ()) -> dict[str, str]:
     """The environment for an SGLang process: the CPU engine where there is no CUDA, and
-    without TRITON_INTERPRET (the tests' kernel interpreter must not reach servers)."""
+    without TRITON_INTERPRET (the tests' kernel interpreter must not reach servers). With
+    several CPU ranks (--dp-size, --tp-size) the cores are split between them, one OpenMP
+    thread per core of each rank's share."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if not has_cuda():
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+        ranks = _flag_value(extra_args, "--dp-size", "--dp") * _flag_value(extra_args, "--tp-size", "--tp")
+        if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            cores = sorted(os.sched_getaffinity(0))
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_rank_binding(ranks, cores)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores) // ranks)))
     return env
 
 
@@ -133,7 +161,7 @@ def launch(
     `env` adds environment variables."""
     port = port or free_port()
     cmd = server_command(model_path, port, esamp=esamp, extra_args=extra_args)
-    env = {**server_env(), **(env or {})}
+    env = {**server_env(extra_args), **(env or {})}
     if not plugins:
         env["SGLANG_PLUGINS"] = "none"  # a whitelist of plugin names: this one matches none
     log_path = Path(log_path or tempfile.mkstemp(prefix=f"sglang-{port}-", suffix=".log")[1])

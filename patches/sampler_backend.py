@@ -140,6 +140,7 @@ class ESampBackend(Sampler):
         self.released: OrderedDict[str, None] = OrderedDict()
         self.fallback_tokens = 0
         self.fault_group = os.environ.get(FAULT_GROUP_ENV)
+        self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -359,7 +360,7 @@ class ESampBackend(Sampler):
         engine = self.engines[variant]
         stats = engine.group_stats(group) or {}
         engine.release(group, rid)
-        return {"enabled": True, "group_id": group, **stats, **counts}
+        return {"enabled": True, "group_id": group, "dp_rank": self.dp_rank, **stats, **counts}
 
     def server_stats(self) -> dict:
         """Bank figures summed over the variants' banks (each has `--esamp-slots` slots), and per variant."""
