@@ -62,6 +62,8 @@ def _unwrap_meta(_result, _manager, meta_info, *args, **kwargs):
     value = meta_info.get(META_KEY)
     if isinstance(value, list) and len(value) == 1:  # request-level customized_info arrives as a list
         meta_info[META_KEY] = value[0]
+    elif value == []:  # a request ESamp never sampled: no entry rather than an empty one
+        del meta_info[META_KEY]
 
 
 # -- scheduler process: request end -------------------------------------------------------------

@@ -7,6 +7,12 @@ call, and each variant's ESamp state is created on first use from the loaded mod
 A step, top to bottom (`forward`): plan which rows use which variant and slot (host),
 capture each variant's (x, y) from SGLang's hidden states (taps.py), then, inside
 SGLang's own draw, predict, keep, fuse and draw (`_draw_jointly`), and queue training.
+
+Tensor parallel: every TP rank runs the same step on the same (replicated) hidden states
+and full logits; only d = W_head[c] · ŷ and the embedding rows need the vocabulary-sharded
+tables, through one sum over the TP group each (sgl_esamp/sharding.py). The Distillers
+then stay identical on every rank, and the drawn ids are reconciled across the group
+like SGLang's SYNC_TOKEN_IDS_ACROSS_TP, so no rank can drift.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from sglang.srt.layers.sampler import Sampler, multinomial_with_seed, sampling_from_probs_torch
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import VARIANTS, Candidates, ESampSampler, Pairs, SlotSegments, Variant, filter_probs
+from sgl_esamp import VARIANTS, Candidates, ESampSampler, Pairs, SlotSegments, Variant, VocabShard, filter_probs
 from sgl_esamp.segments import to_device
 
 from . import request_params
@@ -103,6 +109,15 @@ def _plain_backend() -> str:
     return "pytorch"
 
 
+def vocab_shard(layer: Any) -> VocabShard:
+    """This TP rank's rows of a vocabulary-parallel layer (SGLang's ParallelLMHead or
+    VocabParallelEmbedding) and the sum over the TP group."""
+    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+
+    indices = layer.shard_indices
+    return VocabShard(indices.org_vocab_start_index, indices.org_vocab_end_index, tensor_model_parallel_all_reduce)
+
+
 def request_esamp(req: Any) -> request_params.RequestESamp:
     """Per-request decision, computed once (greedy requests have top_k == 1 after normalize)."""
     cached = getattr(req, "_esamp", None)
@@ -125,9 +140,11 @@ class ESampBackend(Sampler):
 
     def __init__(self) -> None:
         super().__init__()
-        if get_parallel().tp_size > 1:
-            raise NotImplementedError("--sampler esamp supports tensor parallel size 1 only")
         self.config = esamp_config(get_server_args())
+        self.tp_size = get_parallel().tp_size
+        if self.tp_size > 1 and "svd" in (self.config.init_for(v) for v in VARIANTS.values()):
+            raise ValueError("--esamp-init svd is not supported with --tp-size > 1 (the MLP weights are sharded): "
+                             "allowed auto, normal or zero")
         self.plain_backend = _plain_backend()
         self.engines: dict[str, ESampSampler] = {}  # per variant, created on first use
         self.taps: Optional[Taps] = None
@@ -141,6 +158,7 @@ class ESampBackend(Sampler):
         self.fallback_tokens = 0
         self.fault_group = os.environ.get(FAULT_GROUP_ENV)
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
+        self.tp_token_mismatches: Optional[torch.Tensor] = None  # on the device, mirrored to the host
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -150,17 +168,20 @@ class ESampBackend(Sampler):
             model = self.model_runner.model
             vocab = self.model_runner.model_config.vocab_size
             if self.taps is None:
-                self.taps = Taps(model, self.config, self.model_runner.model_config.num_hidden_layers)
+                embedding_shard = vocab_shard(model.model.embed_tokens) if self.tp_size > 1 else None
+                self.taps = Taps(model, self.config, self.model_runner.model_config.num_hidden_layers, embedding_shard)
             last_mlp = None
             if self.config.init_for(variant) == "svd":
                 mlp = model.model.layers[-1].mlp
                 last_mlp = (*mlp.gate_up_proj.weight.chunk(2, dim=0), mlp.down_proj.weight)
+            head_shard = vocab_shard(model.lm_head) if self.tp_size > 1 else None
             engine = self.engines[variant.name] = ESampSampler(
                 self.config,
-                model.lm_head.weight[:vocab],  # padded to a multiple of 64 in SGLang
+                model.lm_head.weight if head_shard else model.lm_head.weight[:vocab],  # padded in SGLang
                 variant=variant,
                 target_norm_weight=self.taps.target_norm_weight(variant),
                 last_mlp=last_mlp,
+                vocab_shard=head_shard,
             )
         return engine
 
@@ -267,6 +288,22 @@ class ESampBackend(Sampler):
             return super().forward(*args, **kwargs)  # reaches _sample_from_probs below
         finally:
             self.preprocessed, self.pending = False, None
+
+    def _sync_token_ids_across_tp(self, batch_next_token_ids: torch.Tensor, sampling_info: Any) -> None:
+        """Under TP, always (SGLang does it only on request): every rank takes the smallest id
+        drawn for a row, and rows where the ranks drew different ids are counted, a sign that
+        their ESamp states diverged (`tp_token_mismatches` in /server_info)."""
+        if self.tp_size == 1:
+            return super()._sync_token_ids_across_tp(batch_next_token_ids, sampling_info)
+        low_and_negated_high = torch.stack([batch_next_token_ids, -batch_next_token_ids])
+        torch.distributed.all_reduce(low_and_negated_high, op=torch.distributed.ReduceOp.MIN, group=self.tp_sync_group)
+        low, high = low_and_negated_high[0], -low_and_negated_high[1]
+        if self.tp_token_mismatches is None:
+            self.tp_token_mismatches = torch.zeros((), dtype=torch.int64, device=low.device)
+            self.tp_mismatches_host = torch.zeros((), dtype=torch.int64, pin_memory=low.is_cuda)
+        self.tp_token_mismatches += (low != high).sum()
+        self.tp_mismatches_host.copy_(self.tp_token_mismatches, non_blocking=True)  # read later, never waited for
+        batch_next_token_ids.copy_(low)
 
     def _capture(self, variant: Variant, plan: StepPlan, logits_output: Any, logits: torch.Tensor) -> PendingRows:
         """One variant's rows: their (x, y), slots, betas and the pairs to learn."""
@@ -375,5 +412,8 @@ class ESampBackend(Sampler):
             "by_variant": by_variant,
             "active_members": len(self.member_group),
             "fallback_tokens": self.fallback_tokens,
+            "dp_rank": self.dp_rank,
+            "tp_size": self.tp_size,
+            "tp_token_mismatches": 0 if self.tp_token_mismatches is None else int(self.tp_mismatches_host),
             "config": dict(self.config.__dict__),
         }

@@ -17,11 +17,11 @@ layouts (`model.model.embed_tokens`, `.layers[i].input_layernorm`, `.norm`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from sgl_esamp import ESampConfig, Variant, rms_norm
+from sgl_esamp import ESampConfig, Variant, VocabShard, rms_norm
 from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, SOURCE_BLOCK_OUTPUT
 
 
@@ -33,9 +33,11 @@ def capture_layer_ids(config: ESampConfig, num_layers: int) -> list[int]:
 class Taps:
     """The (shallow, deep) states of chosen token rows of one forward, per variant."""
 
-    def __init__(self, model: Any, config: ESampConfig, num_layers: int):
+    def __init__(self, model: Any, config: ESampConfig, num_layers: int, embedding_shard: Optional[VocabShard] = None):
+        """embedding_shard: this rank's rows of a vocabulary-parallel embedding (tensor parallel)."""
         layers = model.model.layers
         self.embedding = model.model.embed_tokens.weight
+        self.embedding_shard = embedding_shard
         first, last = layers[0].input_layernorm, layers[num_layers - 1].input_layernorm
         self.norms = {FIRST_LAYER_INPUT_NORMED: (first.weight, first.variance_epsilon),
                       LAST_LAYER_INPUT_NORMED: (last.weight, last.variance_epsilon),
@@ -58,7 +60,11 @@ class Taps:
         if name == FINAL_NORMED:
             return logits_output.last_hidden_states.index_select(0, index)
         if name == FIRST_LAYER_INPUT_NORMED:
-            residual = self.embedding.index_select(0, input_ids.index_select(0, index))
+            ids = input_ids.index_select(0, index)
+            if self.embedding_shard is not None:
+                residual = self.embedding_shard.rows(self.embedding, ids)
+            else:
+                residual = self.embedding.index_select(0, ids)
         else:
             H, column = self.hidden_size, self.columns[name]
             residual = logits_output.hidden_states[:, column * H : (column + 1) * H].index_select(0, index)

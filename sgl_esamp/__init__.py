@@ -12,6 +12,7 @@ from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import DrawResult, Fused, fuse_candidates, fuse_candidates_torch, fused_draw, fused_draw_torch
 from .sampler import ESampSampler, Pairs, initial_weights
 from .segments import SlotSegments
+from .sharding import VocabShard
 from .signal import SignalStats, summarize
 from .training import DistillerTrainer
 from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm
@@ -33,6 +34,7 @@ __all__ = [
     "SlotSegments",
     "VARIANTS",
     "Variant",
+    "VocabShard",
     "check_beta",
     "check_variant",
     "filter_candidates",

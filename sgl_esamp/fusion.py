@@ -18,11 +18,12 @@ rows of W_head for candidate ids are read: never a full-vocabulary product.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .candidates import Candidates, filter_sorted_, greedy_as_top1, greedy_rows, sampling_temperatures
+from .sharding import VocabShard
 
 GATHER_CHUNK_ELEMENTS = 1 << 26  # bounds the [rows, K, H] gather of the torch path
 MAX_DRAW_K = 1024  # the fused draw kernel holds a row's K ranks in one block
@@ -39,11 +40,19 @@ def shift_scale(temperatures: torch.Tensor, d_over_temperature: bool) -> torch.T
 
 
 def candidate_head_logits(
-    lm_head_weight: torch.Tensor, token_ids: torch.Tensor, prediction: torch.Tensor
+    lm_head_weight: torch.Tensor, token_ids: torch.Tensor, prediction: torch.Tensor,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
-    """d[i, k] = W_head[token_ids[i, k]] · prediction[i], by gathering rows (fp32 result)."""
+    """d[i, k] = W_head[token_ids[i, k]] · prediction[i], by gathering rows (fp32 result).
+
+    With `vocab_shard`, lm_head_weight is this rank's rows of a vocabulary-sharded head: each
+    rank computes the products of the candidates it holds (0 for the others) and the sum over
+    the ranks gives d everywhere."""
     N, K = token_ids.shape
     H = prediction.shape[-1]
+    mine = None
+    if vocab_shard is not None:
+        mine, token_ids = vocab_shard.local_index(token_ids)
     # ŷ is rounded to the head's dtype (as the kernel reads it); products accumulate in fp32.
     pred = prediction.to(lm_head_weight.dtype).float()
     rows_per_chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, K * H))
@@ -51,7 +60,10 @@ def candidate_head_logits(
     for start in range(0, N, rows_per_chunk):
         rows = lm_head_weight[token_ids[start : start + rows_per_chunk]].float()  # [n, K, H]
         out.append(torch.bmm(rows, pred[start : start + rows_per_chunk, :, None]).squeeze(-1))
-    return torch.cat(out) if out else torch.empty(0, K, device=token_ids.device)
+    d = torch.cat(out) if out else torch.empty(0, K, device=token_ids.device)
+    if vocab_shard is not None:
+        d = vocab_shard.all_reduce(torch.where(mine, d, 0.0).contiguous())
+    return d
 
 
 def fuse_candidates_torch(
@@ -62,12 +74,13 @@ def fuse_candidates_torch(
     betas: torch.Tensor,
     temperatures: torch.Tensor,
     d_over_temperature: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> Fused:
     """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
     weights, token_ids = candidates
     temps = sampling_temperatures(temperatures).float()
     z = logits.float().gather(1, token_ids)
-    d = candidate_head_logits(lm_head_weight, token_ids, prediction)
+    d = candidate_head_logits(lm_head_weight, token_ids, prediction, vocab_shard)
     scale = shift_scale(temps, d_over_temperature).view(-1, 1)
     shift = betas.float().view(-1, 1) * (z - scale * d) / temps.view(-1, 1)
     return Fused(reweight(weights, shift), d)
@@ -109,6 +122,7 @@ def fused_draw_torch(
     min_ps: torch.Tensor,
     generator: torch.Generator | None = None,
     d_over_temperature: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> DrawResult:
     """Keep, fuse and draw on the K most probable tokens (probs_sorted [N, K]: SGLang's own
     softmax(z / T), sorted descending, unfiltered). Reference of kernels.draw.fused_draw_triton."""
@@ -116,7 +130,7 @@ def fused_draw_torch(
     _, top_ks = greedy_as_top1(temperatures, top_ks)
     candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
     fused, d = fuse_candidates_torch(
-        candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature
+        candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature, vocab_shard
     )
     weights, faults = usable_or_plain(fused, candidates.weights)
     # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
@@ -145,9 +159,13 @@ def fuse_candidates(
     betas: torch.Tensor,
     temperatures: torch.Tensor,
     d_over_temperature: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
 ) -> Fused:
-    """Fused weights over candidates, by the backend `fusion_backend` picks."""
+    """Fused weights over candidates, by the backend `fusion_backend` picks (torch for a
+    vocabulary-sharded head: the sum over ranks sits between the products and the fusion)."""
     args = (candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature)
+    if vocab_shard is not None:
+        return fuse_candidates_torch(*args, vocab_shard)
     if fusion_backend(logits.device) == "triton":
         from .kernels.fusion import fuse_candidates_triton  # lazy: triton is heavy to import
 
@@ -169,12 +187,14 @@ def fused_draw(
     d_over_temperature: bool,
     generator: torch.Generator,
     philox: tuple[int, int],
+    vocab_shard: Optional[VocabShard] = None,
 ) -> DrawResult:
     """One fused keep-fuse-draw by the backend `fusion_backend` picks: the Triton kernel draws
-    with Philox (seed, offset), the torch reference with `generator`."""
+    with Philox (seed, offset), the torch reference with `generator` (always, for a
+    vocabulary-sharded head)."""
     args = (probs_sorted, token_ids, logits, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
-    if fusion_backend(logits.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
+    if vocab_shard is None and fusion_backend(logits.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
         from .kernels.draw import fused_draw_triton  # lazy: triton is heavy to import
 
         return fused_draw_triton(*args, *philox, d_over_temperature=d_over_temperature)
-    return fused_draw_torch(*args, generator=generator, d_over_temperature=d_over_temperature)
+    return fused_draw_torch(*args, generator=generator, d_over_temperature=d_over_temperature, vocab_shard=vocab_shard)

@@ -28,6 +28,7 @@ from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero
 from .fusion import fuse_candidates, fused_draw, usable_or_plain
 from .mirror import HostMirror
 from .segments import SlotSegments, to_device
+from .sharding import VocabShard
 from .signal import SignalStats, summarize
 from .training import DistillerTrainer
 from .variants import VARIANTS, Variant
@@ -74,13 +75,16 @@ class ESampSampler:
         variant: Optional[Variant] = None,
         target_norm_weight: Optional[torch.Tensor] = None,
         last_mlp: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+        vocab_shard: Optional[VocabShard] = None,
     ):
-        """lm_head_weight: [V, H]; variant: default the config's; target_norm_weight: weight [H]
+        """lm_head_weight: [V, H], or this rank's rows of a head sharded as `vocab_shard` says
+        (tensor parallel); variant: default the config's; target_norm_weight: weight [H]
         of the norm that produced the target (the zero/svd inits start the LN gain from it);
         last_mlp: (gate [I, H], up [I, H], down [H, I]) weights, required for init="svd"."""
         self.config = config
         self.variant = variant or VARIANTS[config.variant]
         self.lm_head_weight = lm_head_weight
+        self.vocab_shard = vocab_shard
         device = lm_head_weight.device
         init = initial_weights(config, self.variant, lm_head_weight.shape[1], target_norm_weight, last_mlp)
         with torch.inference_mode(False):  # trainable state must not be inference tensors
@@ -154,7 +158,7 @@ class ESampSampler:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
         prediction, betas = self._predict(shallow, segments, betas)
         fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
-                                self.variant.d_over_temperature)
+                                self.variant.d_over_temperature, self.vocab_shard)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
         self._close_step(segments, prediction, deep, candidates, logits, weights, fused.head_logits, faults,
                          seen if seen is not None else Pairs(shallow, deep, segments))
@@ -184,7 +188,8 @@ class ESampSampler:
         probs_sorted, token_ids = most_probable(probs, self.config.max_candidates)
         prediction, betas = self._predict(shallow, segments, betas)
         drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
-                           top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self._philox(probs_sorted))
+                           top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self._philox(probs_sorted),
+                           self.vocab_shard)
         self._close_step(segments, prediction, deep, Candidates(drawn.kept_probs, token_ids), logits, drawn.weights,
                          drawn.head_logits, drawn.faults, seen if seen is not None else Pairs(shallow, deep, segments))
         return drawn.tokens

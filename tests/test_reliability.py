@@ -64,56 +64,16 @@ def test_bank_figures_reach_prometheus(faulty_server):
 
 
 def test_mixed_traffic_with_disconnects_aborts_and_bad_input_leaves_no_trace(faulty_server):
-    """A bounded burst of what clients do at once: n > 1, plain, greedy, shared group ids, chat,
-    streams the client cuts, /abort_request, bad custom_params. No 5xx, every bad input a 400
-    naming its field, and afterwards the bank and the member table are empty again."""
-    url = faulty_server.url
-    statuses, bad_texts = [], []
+    """A bounded burst of what clients do at once (sgl_esamp.tools.traffic): n > 1, plain,
+    greedy, shared and distinct group ids, chat, streams the client cuts, /abort_request, bad
+    custom_params, a faulting group. No 5xx, every bad input a 400 naming its field, and
+    afterwards the bank and the member table are empty again."""
+    from sgl_esamp.tools.traffic import mixed_round
 
-    def post(path, body, bad=False):
-        r = requests.post(url + path, json=body, timeout=300)
-        statuses.append(r.status_code)
-        if bad:
-            bad_texts.append(r.text)
-
-    def sampled(**extra):
-        return {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 8, **extra}
-
-    def cut_stream(i):
-        body = {"text": f"stream {i}", "stream": True, "sampling_params": sampled(max_new_tokens=200, ignore_eos=True)}
-        with requests.post(url + "/generate", json=body, stream=True, timeout=300) as r:
-            statuses.append(r.status_code)
-            next(r.iter_lines())  # read one chunk, then hang up
-
-    def aborted(i):
-        rid = f"mixed-abort-{i}"
-        thread = threading.Thread(target=post, args=("/generate", {"text": "abort me", "rid": rid,
-                                  "sampling_params": sampled(max_new_tokens=300, ignore_eos=True)}))
-        thread.start()
-        wait_for(lambda: bank(faulty_server)["active_members"] > 0, timeout=30)
-        requests.post(url + "/abort_request", json={"rid": rid}, timeout=60)
-        thread.join(300)
-
-    jobs = []
-    for i in range(4):
-        jobs += [
-            (post, ("/generate", {"text": f"n>1 {i}", "sampling_params": sampled(n=3)})),
-            (post, ("/generate", {"text": f"plain {i}", "sampling_params": sampled(custom_params={"sampling": "plain"})})),
-            (post, ("/generate", {"text": f"greedy {i}", "sampling_params": {"temperature": 0, "max_new_tokens": 8}})),
-            (post, ("/generate", {"text": f"shared {i}", "sampling_params": sampled(custom_params={"group_id": "shared"})})),
-            (post, ("/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": f"hi {i}"}],
-                                            "max_tokens": 8, "temperature": 0.9, "custom_params": {"variant": "reference"}})),
-            (post, ("/generate", {"text": "bad", "sampling_params": sampled(custom_params={"beta": -1})}), {"bad": True}),
-            (cut_stream, (i,)),
-        ]
-    jobs.append((aborted, (0,)))
-    threads = [threading.Thread(target=fn, args=args, kwargs=(kw[0] if kw else {})) for fn, args, *kw in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert len(statuses) == len(jobs) and not [s for s in statuses if s >= 500]
-    assert len(bad_texts) == 4 and all("custom_params.beta" in t and "allowed" in t for t in bad_texts)
+    result = mixed_round(faulty_server.url, "burst", copies=3, distinct_groups=6, fault_group=POISONED)
+    assert len(result.statuses) >= 3 * 8 + 6 and result.server_errors == 0, result.statuses
+    assert len(result.bad) == 3 and result.bad_input_answered_well, result.bad
+    assert len(result.faulty_meta) == 3 * 2 and all(m["enabled"] for m in result.faulty_meta)
     assert wait_for(lambda: bank(faulty_server)["slots_used"] == 0 and bank(faulty_server)["active_members"] == 0,
                     timeout=120)
     assert generate(faulty_server, "still serving?", max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
