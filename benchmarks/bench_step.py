@@ -132,7 +132,7 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
     from sgl_esamp.kernels.fusion import BLOCK_H, BLOCK_K, fuse_candidates_triton
 
     vocab, hidden = head.shape
-    cfg = ESampConfig(beta=0.5, rank=64, num_slots=64, max_candidates=cap)
+    cfg = ESampConfig(beta=0.5, rank=64, num_slots=64, max_candidates=cap, cuda_graph=False)  # eager: its parts
     s = ESampSampler(cfg, head)
     slots = gc.slot_tensor(s.assign_slots(gc.group_rows(n)), device)
     temps, top_ks, top_ps, min_ps = gc.sampling_params(n, device)
@@ -334,12 +334,14 @@ def bench_e2e(device, head, n, model, log, steps, repeats=2):
     r = {"H": hidden, "N": n, "model": MODELS.get(hidden, {}).get("name", "?"), "steps": steps,
          "weight_GB": model.weight_bytes / 1e9}
     r["forward_ms"] = bench_us(replay) / 1e3
-    order = ["plain_lite", "esamp", "plain_sort", "esamp_notrain", "esamp_synctrain"]
+    order = ["plain_lite", "esamp", "plain_sort", "esamp_eager", "esamp_notrain", "esamp_synctrain"]
     times = {k: [] for k in order}
     hosts = {k: [] for k in order}
     for _ in range(repeats):  # interleaved repeats: a drift shows as spread, not as a difference
         for name in order:
-            step_async, stream = s.trainer.step_async, s.trainer.stream
+            step_async, stream, graphs = s.trainer.step_async, s.trainer.stream, s.graphs
+            if name in ("esamp_eager", "esamp_notrain", "esamp_synctrain"):
+                s.graphs = None  # eager steps (the arms below change the eager training)
             if name == "esamp_notrain":
                 s.trainer.step_async = lambda *a: None
             if name == "esamp_synctrain":
@@ -347,7 +349,7 @@ def bench_e2e(device, head, n, model, log, steps, repeats=2):
             try:
                 dev, host = time_loop(tokens, replay, variant(name), steps)
             finally:
-                s.trainer.step_async, s.trainer.stream = step_async, stream
+                s.trainer.step_async, s.trainer.stream, s.graphs = step_async, stream, graphs
             times[name].append(dev)
             hosts[name].append(host)
     for name in order:
@@ -357,8 +359,9 @@ def bench_e2e(device, head, n, model, log, steps, repeats=2):
     r["overhead_vs_lite_pct"] = 100 * (r["esamp_ms"] - r["plain_lite_ms"]) / r["plain_lite_ms"]
     r["overhead_vs_sort_pct"] = 100 * (r["esamp_ms"] - r["plain_sort_ms"]) / r["plain_sort_ms"]
     r["overhead_notrain_vs_lite_pct"] = 100 * (r["esamp_notrain_ms"] - r["plain_lite_ms"]) / r["plain_lite_ms"]
+    r["overhead_eager_vs_lite_pct"] = 100 * (r["esamp_eager_ms"] - r["plain_lite_ms"]) / r["plain_lite_ms"]
     log(f"  e2e {r['model']} N={n}: fwd {r['forward_ms']:.3f} | plain sort {r['plain_sort_ms']:.3f} lite {r['plain_lite_ms']:.3f} "
-        f"| esamp {r['esamp_ms']:.3f} (no train {r['esamp_notrain_ms']:.3f}, sync train {r['esamp_synctrain_ms']:.3f}) ms/step "
+        f"| esamp {r['esamp_ms']:.3f} (eager {r['esamp_eager_ms']:.3f}, no train {r['esamp_notrain_ms']:.3f}, sync train {r['esamp_synctrain_ms']:.3f}) ms/step "
         f"| overhead vs lite {r['overhead_vs_lite_pct']:+.1f}% vs sort {r['overhead_vs_sort_pct']:+.1f}%")
     del s
     return r
@@ -569,14 +572,17 @@ def main():
                ("kept floor µs", "kept_floor_us"), ("kernel µs", "kernel_us"), ("kernel GB/s", "kernel_GBps"),
                ("fuse triton µs", "fuse_triton_us"), ("fuse torch µs", "fuse_torch_us"), ("torch GB/s", "fuse_torch_GBps"),
                ("best cfg BK/BH/warps", "kernel_best_cfg"), ("best µs", "kernel_best_us")], f1))
-    f3 = {k: "{:.3f}" for k in ("forward_ms", "plain_sort_ms", "plain_lite_ms", "esamp_ms", "esamp_notrain_ms",
-                                "esamp_synctrain_ms", "esamp_host_ms")}
-    f3.update({k: "{:+.1f}" for k in ("overhead_vs_lite_pct", "overhead_vs_sort_pct", "overhead_notrain_vs_lite_pct")})
+    f3 = {k: "{:.3f}" for k in ("forward_ms", "plain_sort_ms", "plain_lite_ms", "esamp_ms", "esamp_eager_ms",
+                                "esamp_notrain_ms", "esamp_synctrain_ms", "esamp_host_ms", "esamp_eager_host_ms")}
+    f3.update({k: "{:+.1f}" for k in ("overhead_vs_lite_pct", "overhead_vs_sort_pct", "overhead_notrain_vs_lite_pct",
+                                      "overhead_eager_vs_lite_pct")})
     log("\n### End to end (ms per decode step; fake decoder as a CUDA graph, token fed back)\n")
     log(table(res["e2e"], [("model", "model"), ("N", "N"), ("fwd", "forward_ms"), ("plain sort", "plain_sort_ms"),
-                           ("plain lite", "plain_lite_ms"), ("esamp", "esamp_ms"), ("esamp no-train", "esamp_notrain_ms"),
-                           ("esamp sync-train", "esamp_synctrain_ms"), ("esamp host", "esamp_host_ms"),
-                           ("overhead vs lite %", "overhead_vs_lite_pct"), ("vs sort %", "overhead_vs_sort_pct"),
+                           ("plain lite", "plain_lite_ms"), ("esamp", "esamp_ms"), ("esamp eager", "esamp_eager_ms"),
+                           ("esamp no-train", "esamp_notrain_ms"), ("esamp sync-train", "esamp_synctrain_ms"),
+                           ("esamp host", "esamp_host_ms"), ("eager host", "esamp_eager_host_ms"),
+                           ("overhead vs lite %", "overhead_vs_lite_pct"), ("eager vs lite %", "overhead_eager_vs_lite_pct"),
+                           ("vs sort %", "overhead_vs_sort_pct"),
                            ("no-train vs lite %", "overhead_notrain_vs_lite_pct")], f3))
     log(f"total {res['elapsed_s']:.1f}s")
     with open(os.path.join(args.out, "bench_step.json"), "w") as f:

@@ -18,6 +18,9 @@ Checks (each prints a line and goes into DIR/gpu_check.json):
       path (ESAMP_FUSION=torch); the Triton draw kernel draws with its own Philox counters,
       so for it β = 0 must give weights equal to the plain kept probabilities and the same
       kept sets as the reference (its distribution is checked by gpu_draw.py).
+  (e) sample() under torch.inference_mode (vLLM; SGLang with SGLANG_ENABLE_TORCH_INFERENCE_MODE=1).
+  (f) CUDA graphs: a sampler replaying captured steps against an eager one, token for token
+      and state for state, over alternating batch layouts; host time per sample() of each.
 
 Without CUDA it runs small sizes on the CPU (the kernel under TRITON_INTERPRET=1); (c)
 then lists, from the torch profiler, the ops that would synchronise on CUDA.
@@ -435,7 +438,7 @@ def check_beta_zero(device, vocab, hidden, batches, caps, log, steps: int = 4):
                     probs_sorted, ids = most_probable(sampling_probs(logits, temps), cap)
                     pred = s.distillers.forward(shallow, slots)
                     drawn = fused_draw(probs_sorted, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps,
-                                       True, s.generator, (7, 0))
+                                       True, s.generator, torch.tensor([7, 0], device=device))
                     kernel_weights_bad += int((drawn.weights != drawn.kept_probs).any(-1).sum())
                     kernel_kept_bad += int(((drawn.kept_probs > 0).sum(-1) != (ps > 0).sum(-1)).sum())
                     for i in g:
@@ -450,6 +453,74 @@ def check_beta_zero(device, vocab, hidden, batches, caps, log, steps: int = 4):
             log(f"(d) beta=0 N={n:4d} cap={cap:4d}: {steps * n} tokens, mismatches={mism} (tie-equivalent {ties}) "
                 f"greedy-not-argmax={greedy_bad}{extra} -> {'OK' if r['ok'] else 'FAIL'}")
     return rows_out
+
+
+# ----------------------------------------------------------------------------------------------
+# (f) CUDA graphs: replayed steps give what eager steps give
+# ----------------------------------------------------------------------------------------------
+def check_cuda_graph(device, vocab, hidden, log, steps: int = 30):
+    """Two samplers on the same inputs, one replaying captured steps (cuda_graph=True), one eager:
+    tokens each step, then bank, moments, statistics and Philox counters. Three batch layouts
+    alternate (so shapes are captured, replayed and evicted from LRU order), one with fresh
+    groups each time (slot resets between replays), and a fallback row."""
+    head = make_head(vocab, hidden, device, seed=19)
+    graphed = ESampSampler(ESampConfig(beta=1.0, rank=64, num_slots=16, max_candidates=256, seed=5), head)
+    eager = ESampSampler(ESampConfig(beta=1.0, rank=64, num_slots=16, max_candidates=256, seed=5, cuda_graph=False), head)
+    if graphed.graphs is None:
+        log("(f) CUDA graphs: n/a without CUDA")
+        return {"ok": "n/a without CUDA"}
+    layouts = [lambda step: group_rows(8, group_size=4), lambda step: group_rows(16, group_size=4, tag="h"),
+               lambda step: group_rows(8, group_size=2, tag=f"fresh{step}")]
+    mismatches = 0
+    for step in range(steps):
+        rows = layouts[step % 3](step)
+        n = len(rows)
+        temps, top_ks, top_ps, min_ps = sampling_params(n, device)
+        betas = torch.full((n,), 1.0, device=device)
+        logits, shallow, deep = make_step_inputs(n, vocab, hidden, device, seed=300 + step)
+        tokens = []
+        for s in (graphed, eager):
+            slots = s.assign_slots(rows)
+            if step % 3 == 1:
+                slots = [None] + slots[1:]
+            tokens.append(s.sample(logits, shallow, deep, slot_tensor(slots, device), betas, temps, top_ks, top_ps, min_ps))
+        mismatches += int((tokens[0] != tokens[1]).sum())
+    graphed.trainer.wait()
+    sync()
+    diffs = {
+        "params": float((graphed.distillers.flat - eager.distillers.flat).abs().max()),
+        "exp_avg_sq": float((graphed.trainer.exp_avg_sq_flat - eager.trainer.exp_avg_sq_flat).abs().max()),
+        "signal": float((graphed.signal.sums - eager.signal.sums).abs().max()),
+    }
+    same = {"steps": bool(torch.equal(graphed.trainer.steps, eager.trainer.steps)),
+            "philox": bool(torch.equal(graphed.philox, eager.philox))}
+    captured = len(graphed.graphs.steps)
+    failed = sum(not ok for ok in graphed.graphs.seen.values())
+    # host time per sample(), steady state, same layout: replayed vs eager
+    rows = group_rows(64, group_size=8, tag="t")
+    temps, top_ks, top_ps, min_ps = sampling_params(64, device)
+    betas = torch.full((64,), 1.0, device=device)
+    logits, shallow, deep = make_step_inputs(64, vocab, hidden, device, seed=999)
+    host_ms = {}
+    for name, s in (("graph", graphed), ("eager", eager)):
+        slots = slot_tensor(s.assign_slots(rows), device)
+        for _ in range(3):
+            s.sample(logits, shallow, deep, slots, betas, temps, top_ks, top_ps, min_ps)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            s.assign_slots(rows)
+            s.sample(logits, shallow, deep, slots, betas, temps, top_ks, top_ps, min_ps)
+        host_ms[name] = (time.perf_counter() - t0) * 1e3 / 20
+        sync()
+    res = {"steps": steps, "token_mismatches": mismatches, "max_abs_diff": diffs, **same, "captured": captured,
+           "failed_captures": failed, "host_ms_per_sample_N64": host_ms}
+    res["ok"] = mismatches == 0 and all(v <= 1e-6 for k, v in diffs.items() if k != "signal") and all(same.values()) \
+        and captured > 0 and failed == 0
+    log(f"(f) CUDA graphs vs eager, {steps} steps, 3 layouts: token mismatches {mismatches}, max|d| {diffs}, {same}, "
+        f"captured {captured}, failed {failed}; host ms per sample() at N=64: graph {host_ms['graph']:.3f}, "
+        f"eager {host_ms['eager']:.3f} -> {'OK' if res['ok'] else 'FAIL'}")
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +558,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="small sizes (quick functional run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--only", default="abcde", help="subset of checks, e.g. 'ac'")
+    ap.add_argument("--only", default="abcdef", help="subset of checks, e.g. 'ac'")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -521,6 +592,7 @@ def main():
         ("c", "no_sync", lambda: [check_no_sync(device, vocab, hiddens[0], n, log) for n in ((1, 64) if not smoke else (8,))]),
         ("d", "beta_zero", lambda: check_beta_zero(device, vocab, hiddens[0], batches, CAPS, log)),
         ("e", "inference_mode", lambda: check_inference_mode(device, vocab, hiddens[1], log)),
+        ("f", "cuda_graph", lambda: check_cuda_graph(device, vocab, hiddens[0], log)),
     ]
     for key, name, fn in steps:
         if key not in args.only:
@@ -544,9 +616,9 @@ def main():
         return isinstance(v, dict) and "error" not in v and v.get("ok", True)
 
     log("\n| check | result |\n|---|---|")
-    for name in ("fusion", "async_training", "no_sync", "beta_zero", "inference_mode"):
+    for name in ("fusion", "async_training", "no_sync", "beta_zero", "inference_mode", "cuda_graph"):
         if name in results:
-            na = name == "no_sync" and not HAS_CUDA
+            na = name in ("no_sync", "cuda_graph") and not HAS_CUDA
             log(f"| {name} | {'n/a without CUDA' if na else 'PASS' if oks(results[name]) else 'FAIL'} |")
     log(f"total {results['elapsed_s']:.1f}s")
 

@@ -80,7 +80,7 @@ def time_us(fn, device: str, reps: int) -> float:
 def agreement(args, kernel, d_over_t: bool) -> dict:
     probs_sorted, ids = args[0], args[1]
     ref = fused_draw_torch(*args, torch.Generator(probs_sorted.device).manual_seed(0), d_over_t)
-    got = kernel(*args, seed=7, offset=0, d_over_temperature=d_over_t)
+    got = kernel(*args, philox=torch.tensor([7, 0], device=ids.device), d_over_temperature=d_over_t)
     kept = ref.weights > 0
     norm = lambda w: w / w.sum(-1, keepdim=True)  # noqa: E731
     in_kept = (ids == got.tokens.view(-1, 1)) & kept
@@ -103,7 +103,7 @@ def distribution(args, kernel, draws: int, row: int = 5) -> dict:
     rows += [t[pick].contiguous() for t in rest]
     expected = fused_draw_torch(*[r[:1] if r is not head else r for r in rows]).weights[0].double()
     expected /= expected.sum()
-    tokens = kernel(*rows, seed=11, offset=0, d_over_temperature=True).tokens
+    tokens = kernel(*rows, philox=torch.tensor([11, 0], device=ids.device), d_over_temperature=True).tokens
     ids = ids[row : row + 1]
     rank = (ids[0].view(1, -1) == tokens.view(-1, 1)).int().argmax(-1)
     freq = torch.bincount(rank, minlength=ids.shape[1]).double() / draws
@@ -155,7 +155,7 @@ def main() -> None:
                 row[name] = agreement(call, fused_draw_triton, d_over_t)
             row["plain_sglang_us"] = time_us(lambda: plain_sglang(logits, temps, top_ks, top_ps, min_ps), device, reps)
             row["topk_us"] = time_us(lambda: most_probable(sampling_probs(logits, temps), k), device, reps)
-            row["kernel_us"] = time_us(lambda: fused_draw_triton(*call, seed=1, offset=0), device, reps)
+            row["kernel_us"] = time_us(lambda: fused_draw_triton(*call, philox=torch.tensor([1, 0], device=device)), device, reps)
             row["torch_ref_us"] = time_us(lambda: fused_draw_torch(*call), device, reps)
             log(json.dumps(row))
             results.append(row)

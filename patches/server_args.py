@@ -24,6 +24,14 @@ from .taps import capture_layer_ids
 BACKEND = "esamp"
 CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into subprocesses
 
+
+def _on_off(value: str) -> bool:
+    choices = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid: allowed on or off")
+    return choices[value.lower()]
+
+
 # --flag -> (ESampConfig field, type, help)
 OPTIONS = {
     "--esamp-variant": ("variant", str, "latent or reference (the authors' taps, target, fusion, init, AdamW) "
@@ -35,7 +43,9 @@ OPTIONS = {
     "--esamp-slots": ("num_slots", int, "concurrent request groups with their own Distiller (default 64)"),
     "--esamp-init": ("init", str, "Distiller initialisation: auto (the variant's own), normal, zero or svd (default auto)"),
     "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
+    "--esamp-cuda-graph": ("cuda_graph", _on_off, "on CUDA, replay decode steps as CUDA graphs: on or off (default on)"),
 }
+
 
 
 def _add_cli_args(_result: Any, parser: argparse.ArgumentParser) -> None:

@@ -186,15 +186,15 @@ def fused_draw(
     min_ps: torch.Tensor,
     d_over_temperature: bool,
     generator: torch.Generator,
-    philox: tuple[int, int],
+    philox: torch.Tensor,
     vocab_shard: Optional[VocabShard] = None,
 ) -> DrawResult:
     """One fused keep-fuse-draw by the backend `fusion_backend` picks: the Triton kernel draws
-    with Philox (seed, offset), the torch reference with `generator` (always, for a
-    vocabulary-sharded head)."""
+    with Philox (philox = [seed, offset] on the device), the torch reference with `generator`
+    (always, for a vocabulary-sharded head)."""
     args = (probs_sorted, token_ids, logits, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
     if vocab_shard is None and fusion_backend(logits.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
         from .kernels.draw import fused_draw_triton  # lazy: triton is heavy to import
 
-        return fused_draw_triton(*args, *philox, d_over_temperature=d_over_temperature)
+        return fused_draw_triton(*args, philox, d_over_temperature=d_over_temperature)
     return fused_draw_torch(*args, generator=generator, d_over_temperature=d_over_temperature, vocab_shard=vocab_shard)

@@ -25,7 +25,8 @@ from .bank import GroupBank
 from .candidates import Candidates, most_probable, sampling_probs
 from .config import ESampConfig
 from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
-from .fusion import fuse_candidates, fused_draw, usable_or_plain
+from .fusion import MAX_DRAW_K, fuse_candidates, fused_draw, fusion_backend, usable_or_plain
+from .graphs import StepGraphs
 from .mirror import HostMirror
 from .segments import SlotSegments, to_device
 from .sharding import VocabShard
@@ -95,7 +96,9 @@ class ESampSampler:
         self.groups = GroupBank(config.num_slots)
         self.slot_resets = [0] * config.num_slots  # host's count of each slot's resets (trainer.resets)
         self.generator = torch.Generator(device).manual_seed(config.seed)
-        self.draw_offset = 0  # Philox counter of the fused draw kernel
+        # [seed, offset] of the draw kernel's Philox counters, advanced on the device
+        self.philox = torch.tensor([config.seed, 0], dtype=torch.int64, device=device)
+        self.graphs = StepGraphs(self) if config.cuda_graph and device.type == "cuda" else None
 
     # -- host side: which slot each row uses ------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
@@ -156,12 +159,14 @@ class ESampSampler:
         cap = self.config.max_candidates
         if 0 < cap < candidates.weights.shape[1]:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
+        self.trainer.wait()
         prediction, betas = self._predict(shallow, segments, betas)
         fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature, self.vocab_shard)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
-        self._close_step(segments, prediction, deep, candidates, logits, weights, fused.head_logits, faults,
-                         seen if seen is not None else Pairs(shallow, deep, segments))
+        z = logits.float().gather(1, candidates.token_ids)
+        self._record(segments, prediction, deep, candidates.weights, weights, z, fused.head_logits, faults)
+        self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
         return Candidates(weights, candidates.token_ids)
 
     @torch.no_grad()
@@ -186,38 +191,63 @@ class ESampSampler:
         if probs is None:
             probs = sampling_probs(logits, temperatures)
         probs_sorted, token_ids = most_probable(probs, self.config.max_candidates)
+        z = logits.gather(1, token_ids)
+        inputs = (probs_sorted, token_ids, z, shallow, deep, betas, temperatures, top_ks, top_ps, min_ps)
+        self.trainer.wait()  # the last training step has read its inputs and written the bank
+        if seen is None and self._graphable(probs_sorted):
+            tokens = self.graphs.replay(inputs, segments)
+            if tokens is not None:
+                self.mirror.publish()
+                return tokens
+        tokens = self.draw_step(*inputs, segments=segments, logits=logits)
+        self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
+        return tokens
+
+    def draw_step(self, probs_sorted: torch.Tensor, token_ids: torch.Tensor, z: torch.Tensor, shallow: torch.Tensor,
+                  deep: torch.Tensor, betas: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
+                  top_ps: torch.Tensor, min_ps: torch.Tensor, *, segments: SlotSegments,
+                  logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Predict, keep, fuse, draw and record: the device part of a step, without training.
+        z are the logits at token_ids; without the full `logits` (a captured step) the draw is
+        the Triton kernel's on the candidates."""
         prediction, betas = self._predict(shallow, segments, betas)
-        drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
-                           top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self._philox(probs_sorted),
-                           self.vocab_shard)
-        self._close_step(segments, prediction, deep, Candidates(drawn.kept_probs, token_ids), logits, drawn.weights,
-                         drawn.head_logits, drawn.faults, seen if seen is not None else Pairs(shallow, deep, segments))
+        if logits is None:
+            from .kernels.draw import draw_candidates_triton  # lazy: triton is heavy to import
+
+            drawn = draw_candidates_triton(probs_sorted, token_ids, z, prediction, self.lm_head_weight, betas,
+                                           temperatures, top_ks, top_ps, min_ps, self.philox,
+                                           self.variant.d_over_temperature)
+        else:
+            drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
+                               top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self.philox,
+                               self.vocab_shard)
+        self.philox[1:] += probs_sorted.numel()  # fresh counters for the next draw
+        self._record(segments, prediction, deep, drawn.kept_probs, drawn.weights, z, drawn.head_logits, drawn.faults)
         return drawn.tokens
+
+    def _graphable(self, probs_sorted: torch.Tensor) -> bool:
+        """Whether this step may be a CUDA graph: the draw is the Triton kernel's, on one rank."""
+        return (self.graphs is not None and self.vocab_shard is None and probs_sorted.shape[1] <= MAX_DRAW_K
+                and fusion_backend(probs_sorted.device) == "triton")
 
     def _predict(self, shallow: torch.Tensor, segments: SlotSegments,
                  betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ŷ for the rows (after the last queued training step: a stream wait), and their betas
-        (0 for rows without a slot)."""
-        self.trainer.wait()
+        """ŷ for the rows, and their betas (0 for rows without a slot)."""
         prediction = self.distillers.forward(shallow, segments)
         return prediction, torch.where(segments.slots >= 0, betas.float(), 0.0)
 
-    def _close_step(self, segments: SlotSegments, prediction: torch.Tensor, deep: torch.Tensor, kept: Candidates,
-                    logits: torch.Tensor, fused_weights: torch.Tensor, head_logits: torch.Tensor, faults: torch.Tensor,
-                    seen: Pairs) -> None:
-        """Count faults, record the novelty signal, queue the training step, publish the stats to the host."""
+    def _record(self, segments: SlotSegments, prediction: torch.Tensor, deep: torch.Tensor, kept_probs: torch.Tensor,
+                fused_weights: torch.Tensor, z: torch.Tensor, head_logits: torch.Tensor, faults: torch.Tensor) -> None:
+        """Count faults and record the novelty signal of the step's rows."""
         slots = segments.slots
         self.trainer.faults.index_add_(0, slots.clamp_min(0), (faults & (slots >= 0)).long())
-        self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, kept.weights,
-                           fused_weights, logits.float().gather(1, kept.token_ids), head_logits)
+        self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, kept_probs,
+                           fused_weights, z, head_logits)
+
+    def _queue_training(self, seen: Pairs) -> None:
+        """Queue the training step on the pairs the forward step saw; publish the stats to the host."""
         self.trainer.step_async(*seen)
         self.mirror.publish()
-
-    def _philox(self, probs_sorted: torch.Tensor) -> tuple[int, int]:
-        """(seed, offset) for the kernel's draw; each call uses fresh counters, with no device sync."""
-        offset = self.draw_offset
-        self.draw_offset += probs_sorted.numel()
-        return self.config.seed, offset
 
     # -- observability -----------------------------------------------------------------------
     def _slot_stats(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ step's done event. Neither side ever blocks the host.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -123,12 +123,24 @@ class DistillerTrainer:
             self.step(x, y, segments)
             return
         x, y = x.detach().clone(), y.detach().clone()
-        main = torch.cuda.current_stream(self.bank.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
+
+        def step() -> None:
             for t in (x, y, *segments.tensors):
                 t.record_stream(self.stream)
             self.step(x, y, segments)
+
+        self.run_async(step)
+
+    def run_async(self, work: Callable[[], None]) -> None:
+        """Run `work` (a training step, or the replay of a captured one) on the side stream,
+        behind the current stream's work, and remember when it is done (in line off CUDA
+        or without a side stream)."""
+        if self.stream is None:
+            work()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.bank.device))
+        with torch.cuda.stream(self.stream):
+            work()
             self.done = torch.cuda.Event()
             self.done.record(self.stream)
 

@@ -65,7 +65,7 @@ def test_triton_draw_matches_torch_reference(
     probs, ids = sorted_probs(logits, temps, k)
     args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
     ref = fused_draw_torch(*args, torch.Generator().manual_seed(0), d_over_temperature)
-    got = kernel_module.fused_draw_triton(*args, seed=1234, offset=0, d_over_temperature=d_over_temperature)
+    got = kernel_module.fused_draw_triton(*args, philox=torch.tensor([1234, 0]), d_over_temperature=d_over_temperature)
 
     kept = ref.weights > 0
     assert torch.equal(got.weights > 0, kept)
@@ -130,7 +130,7 @@ def test_triton_draw_distribution(kernel_module):
     which = torch.repeat_interleave(torch.arange(4), draws)  # row i of the batch is input row which[i]
     batch = [t[which] for t in (probs, ids, logits, pred)] + [head]  # the LM head is shared, not per row
     batch += [t[which] for t in (betas, temps, top_ks, top_ps, min_ps)]
-    tokens = kernel_module.fused_draw_triton(*batch, seed=2024, offset=17).tokens
+    tokens = kernel_module.fused_draw_triton(*batch, philox=torch.tensor([2024, 17])).tokens
     for row in range(4):
         n = int(draws[row])
         rank_of = {tok: r for r, tok in enumerate(ids[row].tolist())}
@@ -147,8 +147,8 @@ def test_triton_draw_distribution(kernel_module):
 
     # Philox: the same (seed, offset) repeats the draws; another offset gives other draws.
     few = [t[:100] if t is not head else t for t in batch]
-    assert torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17).tokens, tokens[:100])
-    assert not torch.equal(kernel_module.fused_draw_triton(*few, seed=2024, offset=17 + 100 * k).tokens, tokens[:100])
+    assert torch.equal(kernel_module.fused_draw_triton(*few, philox=torch.tensor([2024, 17])).tokens, tokens[:100])
+    assert not torch.equal(kernel_module.fused_draw_triton(*few, philox=torch.tensor([2024, 17 + 100 * k])).tokens, tokens[:100])
 
 
 def test_a_row_with_unusable_fused_weights_is_drawn_from_plain_p_and_flagged(kernel_module):
@@ -157,7 +157,7 @@ def test_a_row_with_unusable_fused_weights_is_drawn_from_plain_p_and_flagged(ker
     probs, ids = sorted_probs(logits, temps, 64)
     args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
     for got in (fused_draw_torch(*args, torch.Generator().manual_seed(0)),
-                kernel_module.fused_draw_triton(*args, seed=3, offset=0)):
+                kernel_module.fused_draw_triton(*args, philox=torch.tensor([3, 0]))):
         assert got.faults.tolist() == [True] + [False] * 6
         assert torch.equal(got.weights[0], got.kept_probs[0]) and torch.isfinite(got.weights).all()
         assert int(got.tokens[0]) in ids[0][got.kept_probs[0] > 0].tolist()

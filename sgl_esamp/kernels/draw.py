@@ -31,7 +31,7 @@ TILE_ELEMENTS = 8192  # BLOCK_K * BLOCK_H: bounds the gathered [K, H] tile per l
 def _esamp_draw_kernel(
     probs_ptr,
     ids_ptr,
-    logits_ptr,
+    z_ptr,
     pred_ptr,
     head_ptr,
     betas_ptr,
@@ -44,11 +44,9 @@ def _esamp_draw_kernel(
     d_ptr,
     kept_ptr,
     fault_ptr,
-    seed,
-    offset,
+    philox_ptr,
     K,
     H,
-    logits_stride,
     head_stride,
     D_OVER_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -77,7 +75,7 @@ def _esamp_draw_kernel(
     d = candidate_head_dot(ids, kept, pred_ptr + row * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
 
     # 3. w = p · exp(shift - max over kept), shift = β (z - s·d) / T (fusion.reweight).
-    z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * K + offs_k, mask=kept, other=0.0).to(tl.float32)
     beta = tl.load(betas_ptr + row)
     temp = tl.load(temps_ptr + row)
     if D_OVER_T:
@@ -97,6 +95,8 @@ def _esamp_draw_kernel(
     # w_k / Σw (equivalent to Gumbel-max) with no normalisation and no cumulative sum.
     # Only positive weights compete, so a NaN or underflowed weight is never drawn; if
     # none is positive (greedy row with an absurd β, empty row) rank 0 is returned.
+    seed = tl.load(philox_ptr)
+    offset = tl.load(philox_ptr + 1)  # read on the device: a CUDA graph replays with fresh counters
     u = tl.rand(seed, offset + row * K + offs_k)  # Philox; each row its own counters
     e = -tl.log(u)  # u in [0, 1]: e in [0, inf]; e = 0 gives key inf, which still is a kept rank
     key = tl.where(w > 0, w / e, -1.0)
@@ -121,21 +121,42 @@ def fused_draw_triton(
     top_ks: torch.Tensor,
     top_ps: torch.Tensor,
     min_ps: torch.Tensor,
-    seed: int,
-    offset: int,
+    philox: torch.Tensor,
     d_over_temperature: bool = True,
 ) -> DrawResult:
-    """Same contract as fusion.fused_draw_torch, drawing with Philox(seed, offset + row·K + k).
+    """Same contract as fusion.fused_draw_torch, drawing with Philox(seed, offset + row·K + k)
+    for philox = [seed, offset] (int64, on the device).
 
     A call uses counters offset .. offset + N·K - 1: advance offset by at least N·K
-    between calls with the same seed.
+    between calls with the same seed (ESampSampler does, on the device).
     """
+    z = logits.gather(1, token_ids.to(torch.int64))
+    return draw_candidates_triton(probs_sorted, token_ids, z, prediction, lm_head_weight, betas, temperatures,
+                                  top_ks, top_ps, min_ps, philox, d_over_temperature)
+
+
+def draw_candidates_triton(
+    probs_sorted: torch.Tensor,
+    token_ids: torch.Tensor,
+    z: torch.Tensor,
+    prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    betas: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    philox: torch.Tensor,
+    d_over_temperature: bool = True,
+) -> DrawResult:
+    """fused_draw_triton on the candidates' logits z [N, K] (logits at token_ids) instead of
+    the full logits: every input is [N, K] or [N, H], so a captured step copies little."""
     N, K = probs_sorted.shape
     H = prediction.shape[-1]
     if K > MAX_DRAW_K:
         raise ValueError(f"fused_draw_triton handles K <= {MAX_DRAW_K} candidates, got {K}")
-    if lm_head_weight.stride(1) != 1 or logits.stride(1) != 1:
-        raise ValueError("draw kernel needs row-major logits and LM-head weight")
+    if lm_head_weight.stride(1) != 1:
+        raise ValueError("draw kernel needs a row-major LM-head weight")
     temps, top_ks = greedy_as_top1(temperatures, top_ks)
     device = probs_sorted.device
     tokens = torch.empty(N, device=device, dtype=torch.int64)
@@ -149,7 +170,7 @@ def fused_draw_triton(
     _esamp_draw_kernel[(N,)](
         probs_sorted.float().contiguous(),
         token_ids.to(torch.int64).contiguous(),
-        logits,
+        z.float().contiguous(),
         prediction.to(lm_head_weight.dtype).contiguous(),
         lm_head_weight,
         betas.float().contiguous(),
@@ -162,11 +183,9 @@ def fused_draw_triton(
         d,
         kept,
         faults,
-        seed,
-        offset,
+        philox,
         K,
         H,
-        logits.stride(0),
         lm_head_weight.stride(0),
         D_OVER_T=d_over_temperature,
         BLOCK_K=block_k,
