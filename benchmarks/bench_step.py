@@ -316,7 +316,7 @@ def bench_e2e(device, head, n, model, log, steps, repeats=2):
     temps, top_ks, top_ps, min_ps = gc.sampling_params(n, device)
     betas = torch.full((n,), 0.5, device=device)
     gen = torch.Generator(device).manual_seed(0)
-    s = ESampSampler(ESampConfig(beta=0.5, rank=64, num_slots=64, max_candidates=256), head)
+    s = ESampSampler(ESampConfig(beta=0.5, rank=64, num_slots=64, max_candidates=256, cuda_graph=True), head)
     rows = gc.group_rows(n)
     slots = gc.slot_tensor(s.assign_slots(rows), device)
 

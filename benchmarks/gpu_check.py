@@ -464,7 +464,7 @@ def check_cuda_graph(device, vocab, hidden, log, steps: int = 30):
     alternate (so shapes are captured, replayed and evicted from LRU order), one with fresh
     groups each time (slot resets between replays), and a fallback row."""
     head = make_head(vocab, hidden, device, seed=19)
-    graphed = ESampSampler(ESampConfig(beta=1.0, rank=64, num_slots=16, max_candidates=256, seed=5), head)
+    graphed = ESampSampler(ESampConfig(beta=1.0, rank=64, num_slots=16, max_candidates=256, seed=5, cuda_graph=True), head)
     eager = ESampSampler(ESampConfig(beta=1.0, rank=64, num_slots=16, max_candidates=256, seed=5, cuda_graph=False), head)
     if graphed.graphs is None:
         log("(f) CUDA graphs: n/a without CUDA")

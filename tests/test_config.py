@@ -22,6 +22,7 @@ BAD_FIELDS = [
     ("state_dtype", "bfloat16", "float32, float64"),
     ("max_candidates", -5, "[0,"),
     ("seed", -1, "[0,"),
+    ("cuda_graph", "yes", "true or false"),
 ]
 
 
