@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from sgl_esamp.candidates import greedy_rows, most_probable, sampling_probs
+from sgl_esamp.candidates import most_probable, sampling_probs
 from sgl_esamp.fusion import fused_draw_torch
 
 TOP_K_ALL = 1 << 30

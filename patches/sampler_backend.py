@@ -142,9 +142,6 @@ class ESampBackend(Sampler):
         super().__init__()
         self.config = esamp_config(get_server_args())
         self.tp_size = get_parallel().tp_size
-        if self.tp_size > 1 and "svd" in (self.config.init_for(v) for v in VARIANTS.values()):
-            raise ValueError("--esamp-init svd is not supported with --tp-size > 1 (the MLP weights are sharded): "
-                             "allowed auto, normal or zero")
         self.plain_backend = _plain_backend()
         self.engines: dict[str, ESampSampler] = {}  # per variant, created on first use
         self.taps: Optional[Taps] = None
@@ -158,7 +155,8 @@ class ESampBackend(Sampler):
         self.fallback_tokens = 0
         self.fault_group = os.environ.get(FAULT_GROUP_ENV)
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
-        self.tp_token_mismatches: Optional[torch.Tensor] = None  # on the device, mirrored to the host
+        self.tp_token_mismatches: Optional[torch.Tensor] = None  # on the device, mirrored to the host:
+        self.tp_mismatches_host: Optional[torch.Tensor] = None
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -292,7 +290,7 @@ class ESampBackend(Sampler):
     def _sync_token_ids_across_tp(self, batch_next_token_ids: torch.Tensor, sampling_info: Any) -> None:
         """Under TP, always (SGLang does it only on request): every rank takes the smallest id
         drawn for a row, and rows where the ranks drew different ids are counted, a sign that
-        their ESamp states diverged (`tp_token_mismatches` in /server_info)."""
+        the ranks diverged (`tp_token_mismatches` in /server_info)."""
         if self.tp_size == 1:
             return super()._sync_token_ids_across_tp(batch_next_token_ids, sampling_info)
         low_and_negated_high = torch.stack([batch_next_token_ids, -batch_next_token_ids])

@@ -70,6 +70,8 @@ def _from_cli_args(server_args: Any, _cls: Any, args: argparse.Namespace) -> Non
     except ESampConfigError as err:
         flag = next(f for f, (field, _, _) in OPTIONS.items() if field == err.field)
         sys.exit(f"error: argument {flag}: {err}")
+    if config.init == "svd" and (getattr(args, "tp_size", 1) or 1) > 1:  # the MLP weights are sharded then
+        sys.exit("error: argument --esamp-init: svd is not supported with --tp-size > 1: allowed auto, normal, zero")
     setattr(server_args, CONFIG_ATTR, config.__dict__.copy())
 
 

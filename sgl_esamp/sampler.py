@@ -9,8 +9,9 @@ captured by the engine):
   4. record the novelty signal and queue one training step on the pairs (x, y) the
      forward step just saw: the sampled rows' own in a decode step, every prompt token
      of the group in a prefill.
-`sample` does 2-3 in one fused keep-fuse-draw (one Triton kernel on CUDA); `fuse` does
-3 without the draw, for an engine that draws all its rows in one call of its own.
+`sample` does 2-3 in one fused keep-fuse-draw (one Triton kernel on CUDA; with
+`cuda_graph`, steps 1-4 replay as CUDA graphs, graphs.py); `fuse` does 3 without the
+draw, for an engine that draws all its rows in one call of its own.
 All of it runs on device tensors indexed by slot, with no loop over rows or groups.
 One ESampSampler serves one variant (variants.py).
 """

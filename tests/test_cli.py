@@ -45,3 +45,10 @@ def test_cpu_stand_in_for_sgl_kernel_fails_loudly_if_an_op_is_called():
 
     with pytest.raises(RuntimeError, match="stand-in"):
         copy_all_layer_kv_cache_cpu()
+
+
+def test_svd_init_is_refused_under_tensor_parallel(tiny_model):
+    args = ["--tp-size", "2", "--esamp-init", "svd"]
+    result = run_launcher(*server_command(tiny_model, 1, esamp=True, extra_args=args)[3:])
+    assert result.returncode != 0
+    assert "--esamp-init" in result.stderr and "--tp-size > 1" in result.stderr and "allowed auto, normal, zero" in result.stderr

@@ -102,9 +102,12 @@ def mixed_round(url: str, tag: str, *, copies: int = 4, distinct_groups: int = 0
     for i in range(copies):
         jobs += [
             (post, ("/generate", {"text": f"{tag} n>1 {i}", "sampling_params": sampled(n=3)})),
-            (post, ("/generate", {"text": f"{tag} plain {i}", "sampling_params": sampled(custom_params={"sampling": "plain"})})),
-            (post, ("/generate", {"text": f"{tag} greedy {i}", "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}})),
-            (post, ("/generate", {"text": f"{tag} shared {i}", "sampling_params": sampled(custom_params={"group_id": f"{tag}-shared"})})),
+            (post, ("/generate", {"text": f"{tag} plain {i}",
+                                  "sampling_params": sampled(custom_params={"sampling": "plain"})})),
+            (post, ("/generate", {"text": f"{tag} greedy {i}",
+                                  "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}})),
+            (post, ("/generate", {"text": f"{tag} shared {i}",
+                                  "sampling_params": sampled(custom_params={"group_id": f"{tag}-shared"})})),
             (post, ("/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": f"{tag} hi {i}"}],
                                             "max_tokens": max_new_tokens, "temperature": 0.9,
                                             "custom_params": {"variant": "reference"}})),
