@@ -14,7 +14,9 @@ with one import, which patches nothing until it runs:
 
 `sampling`, `beta` and `variant` travel in `custom_params`; every branch of one program (all
 its forks, recursively) carries the root program's id as `group_id`, so they share
-one Distiller on the server, and different programs never do.
+one Distiller on the server, and different programs never do. Each ESamp request also
+carries its group id as header X-SMG-Routing-Key, so SGLang's router (`--policy manual`)
+sends all branches of a program to the same server; a server ignores the header.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import requests
 import sglang
 import sglang.lang.api as lang_api
+import sglang.lang.backend.runtime_endpoint as runtime_endpoint
 from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglGen, SglSamplingParams
 
@@ -87,6 +91,23 @@ def _fork(original):
     return fork
 
 
+def _with_routing_key(original):
+    @functools.wraps(original)
+    def http_request(url, json=None, stream=False, api_key=None, verify=None, method=None):
+        custom = ((json or {}).get("sampling_params") or {}).get("custom_params") or {}
+        group = custom.get(request_params.GROUP_KEY)
+        if group is None or method not in (None, "POST"):
+            return original(url, json=json, stream=stream, api_key=api_key, verify=verify, method=method)
+        # SGLang's http_request takes no headers; requests' Response offers what its callers use
+        headers = {request_params.ROUTING_KEY_HEADER: group}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
+        return requests.post(url, json=json, stream=stream, headers=headers,
+                             verify=True if verify is None else verify)
+
+    return http_request
+
+
 def install() -> None:
     """Patch the frontend once (idempotent)."""
     if getattr(StreamExecutor, "_esamp_installed", False):
@@ -95,6 +116,7 @@ def install() -> None:
     SglSamplingParams.to_srt_kwargs = _to_srt_kwargs(SglSamplingParams.to_srt_kwargs)
     StreamExecutor._resolve_sampling_params = _resolve_sampling_params(StreamExecutor._resolve_sampling_params)
     StreamExecutor.fork = _fork(StreamExecutor.fork)
+    runtime_endpoint.http_request = _with_routing_key(runtime_endpoint.http_request)
     StreamExecutor._esamp_installed = True
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 def register() -> None:
     from sglang.srt.layers.sampler import register_sampler_backend
 
-    from . import cpu_parallel, dp_routing, lifecycle, server_args
+    from . import cpu_parallel, lifecycle, routing, server_args
     from .sampler_backend import ESampBackend
 
     register_sampler_backend(server_args.BACKEND, ESampBackend)
     server_args.register()
     lifecycle.register()
-    dp_routing.register()
+    routing.register()
     cpu_parallel.register()

@@ -20,6 +20,9 @@ from typing import Optional
 from sgl_esamp import check_beta, check_variant
 
 SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
+# SGLang's router (sglang-router, `--policy manual`) sends requests with the same key to the
+# same server: ESamp clients put their group id here (patches/routing.py)
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
 SAMPLING_CHOICES = ("esamp", "plain")
 MAX_GROUP_ID_LEN = 256
 START_HINT = "start the server with `python -m sglang.launch_server ... --sampler esamp`"

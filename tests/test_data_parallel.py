@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from sgl_esamp.patches.dp_routing import replica_for
+from sgl_esamp.patches.routing import replica_for
 from test_server import bank, generate, wait_for
 
 DP = 2

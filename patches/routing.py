@@ -1,7 +1,11 @@
-"""Data parallel: every row of one ESamp group goes to the same replica.
+"""Every row of one ESamp group goes to the same replica.
 
-With `--dp-size N` SGLang runs N independent schedulers, and its DP controller spreads
-requests over them. A group's Distiller lives in one scheduler, so the n samples of a
+Across servers, behind SGLang's router (`sglang_router.launch_router --policy manual`), a
+request is pinned by its routing-key header: ESamp clients send their group id as
+`X-SMG-Routing-Key` (the frontend does it by itself, patches/frontend.py).
+
+Inside one server, with `--dp-size N` SGLang runs N independent schedulers, and its DP
+controller spreads requests over them. A group's Distiller lives in one scheduler, so the n samples of a
 request, the forks of a program and every request naming the same `group_id` must land
 on one replica, or each replica would train a partial Distiller of its own. Before the
 controller routes a request, this hook pins ESamp requests to the replica their group id
