@@ -1,10 +1,11 @@
 """The plugin on the real SGLang server (CPU engine, tiny random Llama)."""
 
 import threading
-import time
 
 import pytest
 import requests
+
+from sgl_esamp.tools.traffic import server_state, wait_for
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a galaxy far away", "def fibonacci(n):"]
 
@@ -17,16 +18,7 @@ def generate(server, text, max_new_tokens=12, **sampling):
 
 
 def bank(server):
-    return requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["esamp"]
-
-
-def wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
+    return server_state(server.url)
 
 
 def test_sampled_request_uses_esamp_and_trains(esamp_server):
