@@ -437,7 +437,7 @@ def check_beta_zero(device, vocab, hidden, batches, caps, log, steps: int = 4):
                 if kernel:
                     probs_sorted, ids = most_probable(sampling_probs(logits, temps), cap)
                     pred = s.distillers.forward(shallow, slots)
-                    drawn = fused_draw(probs_sorted, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps,
+                    drawn = fused_draw(probs_sorted, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps,
                                        True, s.generator, torch.tensor([7, 0], device=device))
                     kernel_weights_bad += int((drawn.weights != drawn.kept_probs).any(-1).sum())
                     kernel_kept_bad += int(((drawn.kept_probs > 0).sum(-1) != (ps > 0).sum(-1)).sum())

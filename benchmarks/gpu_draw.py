@@ -96,10 +96,9 @@ def agreement(args, kernel, d_over_t: bool) -> dict:
 
 def distribution(args, kernel, draws: int, row: int = 5) -> dict:
     """One row (default 5: no filter, β 1.5, all K ranks kept) repeated `draws` times in one call."""
-    probs_sorted, ids, logits, pred, head, *rest = args
+    probs_sorted, ids, z, pred, head, *rest = args
     pick = torch.full((draws,), row, device=ids.device)
-    rows = [t[pick].contiguous() for t in (probs_sorted, ids)]
-    rows += [logits[row : row + 1].expand(draws, -1), pred[pick].contiguous(), head]  # logits: stride 0, no copy
+    rows = [t[pick].contiguous() for t in (probs_sorted, ids, z, pred)] + [head]
     rows += [t[pick].contiguous() for t in rest]
     expected = fused_draw_torch(*[r[:1] if r is not head else r for r in rows]).weights[0].double()
     expected /= expected.sum()
@@ -149,19 +148,22 @@ def main() -> None:
         for n in sizes:
             logits, head, pred, betas, temps, top_ks, top_ps, min_ps = batch(n, vocab, hidden, device)
             probs_sorted, ids = most_probable(sampling_probs(logits, temps), k)
-            call = (probs_sorted, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
+            call = (probs_sorted, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps)
             row = {"H": hidden, "N": n}
             for name, d_over_t in (("latent", True), ("reference", False)):
                 row[name] = agreement(call, fused_draw_triton, d_over_t)
             row["plain_sglang_us"] = time_us(lambda: plain_sglang(logits, temps, top_ks, top_ps, min_ps), device, reps)
             row["topk_us"] = time_us(lambda: most_probable(sampling_probs(logits, temps), k), device, reps)
-            row["kernel_us"] = time_us(lambda: fused_draw_triton(*call, philox=torch.tensor([1, 0], device=device)), device, reps)
-            row["torch_ref_us"] = time_us(lambda: fused_draw_torch(*call), device, reps)
+            # the kernel with its gather of z (as the sampler calls it)
+            row["kernel_us"] = time_us(lambda: fused_draw_triton(probs_sorted, ids, logits.gather(1, ids), *call[3:],
+                                                                 philox=torch.tensor([1, 0], device=device)), device, reps)
+            row["torch_ref_us"] = time_us(lambda: fused_draw_torch(probs_sorted, ids, logits.gather(1, ids), *call[3:]),
+                                          device, reps)
             log(json.dumps(row))
             results.append(row)
     logits, head, pred, betas, temps, top_ks, top_ps, min_ps = batch(7, vocab, hiddens[0], device, seed=3)
     probs_sorted, ids = most_probable(sampling_probs(logits, temps), k)
-    dist = distribution((probs_sorted, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps),
+    dist = distribution((probs_sorted, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps),
                         fused_draw_triton, draws)
     log("distribution " + json.dumps(dist))
 

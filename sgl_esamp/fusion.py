@@ -77,12 +77,27 @@ def fuse_candidates_torch(
     vocab_shard: Optional[VocabShard] = None,
 ) -> Fused:
     """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
+    z = logits.float().gather(1, candidates.token_ids)
+    return fuse_on_candidates(candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature,
+                              vocab_shard)
+
+
+def fuse_on_candidates(
+    candidates: Candidates,
+    z: torch.Tensor,
+    prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    betas: torch.Tensor,
+    temperatures: torch.Tensor,
+    d_over_temperature: bool = True,
+    vocab_shard: Optional[VocabShard] = None,
+) -> Fused:
+    """fuse_candidates_torch given z [N, K], the logits at the candidates' ids."""
     weights, token_ids = candidates
     temps = sampling_temperatures(temperatures).float()
-    z = logits.float().gather(1, token_ids)
     d = candidate_head_logits(lm_head_weight, token_ids, prediction, vocab_shard)
     scale = shift_scale(temps, d_over_temperature).view(-1, 1)
-    shift = betas.float().view(-1, 1) * (z - scale * d) / temps.view(-1, 1)
+    shift = betas.float().view(-1, 1) * (z.float() - scale * d) / temps.view(-1, 1)
     return Fused(reweight(weights, shift), d)
 
 
@@ -112,7 +127,7 @@ def usable_or_plain(fused: torch.Tensor, plain: torch.Tensor) -> tuple[torch.Ten
 def fused_draw_torch(
     probs_sorted: torch.Tensor,
     token_ids: torch.Tensor,
-    logits: torch.Tensor,
+    z: torch.Tensor,
     prediction: torch.Tensor,
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
@@ -125,12 +140,13 @@ def fused_draw_torch(
     vocab_shard: Optional[VocabShard] = None,
 ) -> DrawResult:
     """Keep, fuse and draw on the K most probable tokens (probs_sorted [N, K]: SGLang's own
-    softmax(z / T), sorted descending, unfiltered). Reference of kernels.draw.fused_draw_triton."""
+    softmax(z / T), sorted descending, unfiltered; z [N, K]: the logits at token_ids). Every
+    input is [N, K] or [N, H], never the full logits. Reference of kernels.draw.fused_draw_triton."""
     greedy = greedy_rows(temperatures)
     _, top_ks = greedy_as_top1(temperatures, top_ks)
     candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
-    fused, d = fuse_candidates_torch(
-        candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature, vocab_shard
+    fused, d = fuse_on_candidates(
+        candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature, vocab_shard
     )
     weights, faults = usable_or_plain(fused, candidates.weights)
     # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
@@ -176,7 +192,7 @@ def fuse_candidates(
 def fused_draw(
     probs_sorted: torch.Tensor,
     token_ids: torch.Tensor,
-    logits: torch.Tensor,
+    z: torch.Tensor,
     prediction: torch.Tensor,
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
@@ -192,8 +208,8 @@ def fused_draw(
     """One fused keep-fuse-draw by the backend `fusion_backend` picks: the Triton kernel draws
     with Philox (philox = [seed, offset] on the device), the torch reference with `generator`
     (always, for a vocabulary-sharded head)."""
-    args = (probs_sorted, token_ids, logits, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
-    if vocab_shard is None and fusion_backend(logits.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
+    args = (probs_sorted, token_ids, z, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
+    if vocab_shard is None and fusion_backend(z.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
         from .kernels.draw import fused_draw_triton  # lazy: triton is heavy to import
 
         return fused_draw_triton(*args, philox, d_over_temperature=d_over_temperature)

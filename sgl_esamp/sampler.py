@@ -200,28 +200,19 @@ class ESampSampler:
             if tokens is not None:
                 self.mirror.publish()
                 return tokens
-        tokens = self.draw_step(*inputs, segments=segments, logits=logits)
+        tokens = self.draw_step(*inputs, segments=segments)
         self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
         return tokens
 
     def draw_step(self, probs_sorted: torch.Tensor, token_ids: torch.Tensor, z: torch.Tensor, shallow: torch.Tensor,
                   deep: torch.Tensor, betas: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-                  top_ps: torch.Tensor, min_ps: torch.Tensor, *, segments: SlotSegments,
-                  logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  top_ps: torch.Tensor, min_ps: torch.Tensor, *, segments: SlotSegments) -> torch.Tensor:
         """Predict, keep, fuse, draw and record: the device part of a step, without training.
-        z are the logits at token_ids; without the full `logits` (a captured step) the draw is
-        the Triton kernel's on the candidates."""
+        z are the logits at token_ids."""
         prediction, betas = self._predict(shallow, segments, betas)
-        if logits is None:
-            from .kernels.draw import draw_candidates_triton  # lazy: triton is heavy to import
-
-            drawn = draw_candidates_triton(probs_sorted, token_ids, z, prediction, self.lm_head_weight, betas,
-                                           temperatures, top_ks, top_ps, min_ps, self.philox,
-                                           self.variant.d_over_temperature)
-        else:
-            drawn = fused_draw(probs_sorted, token_ids, logits, prediction, self.lm_head_weight, betas, temperatures,
-                               top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self.philox,
-                               self.vocab_shard)
+        drawn = fused_draw(probs_sorted, token_ids, z, prediction, self.lm_head_weight, betas, temperatures,
+                           top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self.philox,
+                           self.vocab_shard)
         self.philox[1:] += probs_sorted.numel()  # fresh counters for the next draw
         self._record(segments, prediction, deep, drawn.kept_probs, drawn.weights, z, drawn.head_logits, drawn.faults)
         return drawn.tokens

@@ -63,7 +63,7 @@ def test_triton_draw_matches_torch_reference(
 ):
     logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(vocab, hidden, head_dtype, logits_dtype, k)
     probs, ids = sorted_probs(logits, temps, k)
-    args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
+    args = (probs, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps)
     ref = fused_draw_torch(*args, torch.Generator().manual_seed(0), d_over_temperature)
     got = kernel_module.fused_draw_triton(*args, philox=torch.tensor([1234, 0]), d_over_temperature=d_over_temperature)
 
@@ -89,7 +89,7 @@ def test_torch_reference_is_filter_then_fuse(kernel_module, d_over_temperature):
     logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(2000, 24, torch.float32, torch.float32, 7)
     probs, ids = sorted_probs(logits, temps, k)
     ref = fused_draw_torch(
-        probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps, None, d_over_temperature
+        probs, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps, None, d_over_temperature
     )
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=k)
     assert torch.equal(cand.token_ids, ids)
@@ -120,7 +120,7 @@ def test_triton_draw_distribution(kernel_module):
     betas = torch.tensor([0.7, 1.0, 0.0, 3.0])
     probs, ids = sorted_probs(logits, temps, k)
     expected = normalised(
-        fused_draw_torch(probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps).weights
+        fused_draw_torch(probs, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps).weights
     )
     plain = normalised(filter_sorted_(probs.clone(), top_ks.clamp(max=k), top_ps, min_ps))
     assert (expected[0] > 0).sum() == 5 and 3 <= (expected[1] > 0).sum() <= 6
@@ -128,7 +128,7 @@ def test_triton_draw_distribution(kernel_module):
     assert (expected[:2] - plain[:2]).abs().max() > 0.1  # fused rows differ visibly from plain sampling
 
     which = torch.repeat_interleave(torch.arange(4), draws)  # row i of the batch is input row which[i]
-    batch = [t[which] for t in (probs, ids, logits, pred)] + [head]  # the LM head is shared, not per row
+    batch = [t[which] for t in (probs, ids, logits.gather(1, ids), pred)] + [head]  # the LM head is shared, not per row
     batch += [t[which] for t in (betas, temps, top_ks, top_ps, min_ps)]
     tokens = kernel_module.fused_draw_triton(*batch, philox=torch.tensor([2024, 17])).tokens
     for row in range(4):
@@ -155,7 +155,7 @@ def test_a_row_with_unusable_fused_weights_is_drawn_from_plain_p_and_flagged(ker
     logits, head, pred, betas, temps, top_ks, top_ps, min_ps = mixed_batch(2000, 40, torch.float32, torch.float32, 5)
     pred[0] = float("nan")  # a faulty Distiller's prediction for row 0
     probs, ids = sorted_probs(logits, temps, 64)
-    args = (probs, ids, logits, pred, head, betas, temps, top_ks, top_ps, min_ps)
+    args = (probs, ids, logits.gather(1, ids), pred, head, betas, temps, top_ks, top_ps, min_ps)
     for got in (fused_draw_torch(*args, torch.Generator().manual_seed(0)),
                 kernel_module.fused_draw_triton(*args, philox=torch.tensor([3, 0]))):
         assert got.faults.tolist() == [True] + [False] * 6

@@ -113,7 +113,7 @@ def _esamp_draw_kernel(
 def fused_draw_triton(
     probs_sorted: torch.Tensor,
     token_ids: torch.Tensor,
-    logits: torch.Tensor,
+    z: torch.Tensor,
     prediction: torch.Tensor,
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
@@ -130,27 +130,6 @@ def fused_draw_triton(
     A call uses counters offset .. offset + N·K - 1: advance offset by at least N·K
     between calls with the same seed (ESampSampler does, on the device).
     """
-    z = logits.gather(1, token_ids.to(torch.int64))
-    return draw_candidates_triton(probs_sorted, token_ids, z, prediction, lm_head_weight, betas, temperatures,
-                                  top_ks, top_ps, min_ps, philox, d_over_temperature)
-
-
-def draw_candidates_triton(
-    probs_sorted: torch.Tensor,
-    token_ids: torch.Tensor,
-    z: torch.Tensor,
-    prediction: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    min_ps: torch.Tensor,
-    philox: torch.Tensor,
-    d_over_temperature: bool = True,
-) -> DrawResult:
-    """fused_draw_triton on the candidates' logits z [N, K] (logits at token_ids) instead of
-    the full logits: every input is [N, K] or [N, H], so a captured step copies little."""
     N, K = probs_sorted.shape
     H = prediction.shape[-1]
     if K > MAX_DRAW_K:
