@@ -105,10 +105,11 @@ def plain_sample(logits, temps, top_ks, top_ps, min_ps, cap, gen):
 # ----------------------------------------------------------------------------------------------
 def kernel_inputs(cand, logits, pred, head, betas, temps):
     w, ids = cand.weights.contiguous(), cand.token_ids.contiguous()
+    z = logits.gather(1, ids)
     t = torch.where(temps < 1e-6, torch.ones_like(temps), temps).float().contiguous()
     out, d = torch.empty_like(w), torch.empty_like(w)
     scales = torch.ones_like(t)  # the latent variant's fusion (d divided by T with z)
-    return (w, ids, logits, pred.to(head.dtype).contiguous(), head, betas.float().contiguous(), t, scales, d, out)
+    return (w, ids, z, pred.to(head.dtype).contiguous(), head, betas.float().contiguous(), t, scales, d, out)
 
 
 def launch_kernel(args, bk, bh, warps):
@@ -116,10 +117,10 @@ def launch_kernel(args, bk, bh, warps):
 
     from sgl_esamp.kernels.fusion import _candidate_shift_kernel
 
-    w, ids, logits, pred, head, betas, t, scales, d, out = args
+    w, ids, z, pred, head, betas, t, scales, d, out = args
     n, k = w.shape
     _candidate_shift_kernel[(n, triton.cdiv(k, bk))](
-        w, ids, logits, pred, head, betas, t, scales, d, out, k, head.shape[1], logits.stride(0), head.stride(0),
+        w, ids, z, pred, head, betas, t, scales, d, out, k, head.shape[1], head.stride(0),
         BLOCK_K=bk, BLOCK_H=bh, num_warps=warps,
     )
     return out
@@ -144,7 +145,8 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
     cyc = itertools.cycle(range(sets))
     cands = [filter_candidates(x[0], temps, top_ks, top_ps, min_ps, cap) for x in inputs]
     preds = [s.distillers.forward(x[1], slots) for x in inputs]
-    fused = [fuse_candidates_torch(c, x[0], p, head, betas, temps).weights for c, x, p in zip(cands, inputs, preds)]
+    zs = [x[0].gather(1, c.token_ids) for c, x in zip(cands, inputs)]  # the logits at the candidates
+    fused = [fuse_candidates_torch(c, z, p, head, betas, temps).weights for c, z, p in zip(cands, zs, preds)]
     kargs = [kernel_inputs(c, x[0], p, head, betas, temps) for c, x, p in zip(cands, inputs, preds)]
     K = cands[0].weights.shape[1]
     kept = statistics.mean(int((c.weights > 0).sum()) for c in cands)
@@ -158,9 +160,9 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
         return call
 
     big = cap == 0 and n * hidden >= 64 * 4096  # the torch reference gathers N*V*H elements
-    r["fuse_triton_us"] = bench_us(run(lambda i: fuse_candidates_triton(cands[i], inputs[i][0], preds[i], head, betas, temps)), rep)
+    r["fuse_triton_us"] = bench_us(run(lambda i: fuse_candidates_triton(cands[i], zs[i], preds[i], head, betas, temps)), rep)
     r["kernel_us"] = bench_us(run(lambda i: launch_kernel(kargs[i], BLOCK_K, BLOCK_H, 4)), rep)
-    r["fuse_torch_us"] = bench_us(run(lambda i: fuse_candidates_torch(cands[i], inputs[i][0], preds[i], head, betas, temps)),
+    r["fuse_torch_us"] = bench_us(run(lambda i: fuse_candidates_torch(cands[i], zs[i], preds[i], head, betas, temps)),
                                   20 if big else rep, 5 if big else 25)
     # bandwidth: the brief's floor (all K rows gathered) and the kept-set floor the kernel needs
     r["floor_bytes_NKH2"] = n * K * hidden * 2
@@ -449,12 +451,13 @@ def traffic_model(log, hiddens, batches, vocab, bw=3.0e12, fp32_flops=51e12):
             gen = torch.Generator().manual_seed(0)
             pred = s.distillers.forward(shallow, slots)
             cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, 256)
-            w = fuse_candidates_torch(cand, logits, pred, head, betas, temps).weights
+            z = logits.gather(1, cand.token_ids)
+            w = fuse_candidates_torch(cand, z, pred, head, betas, temps).weights
             kept = int((cand.weights > 0).sum())
             comps = {
                 "distiller fwd": lambda: s.distillers.forward(shallow, slots),
                 "filter (topk 256)": lambda: filter_candidates(logits, temps, top_ks, top_ps, min_ps, 256),
-                "fusion torch ref": lambda: fuse_candidates_torch(cand, logits, pred, head, betas, temps),
+                "fusion torch ref": lambda: fuse_candidates_torch(cand, z, pred, head, betas, temps),
                 "draw": lambda: torch.multinomial(w, 1, generator=gen),
                 "train step": lambda: s.trainer.step(shallow, deep, slots),
                 "sample() total": lambda: s.sample(logits, shallow, deep, slots, betas, temps, top_ks, top_ps, min_ps),

@@ -149,8 +149,9 @@ def check_fusion(device, vocab, hiddens, batches, caps, log):
             for cap in caps:
                 cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, cap)
                 kept = cand.weights > 0
-                ref = fuse_candidates_torch(cand, logits, pred, head, betas, temps).weights
-                got = fuse_candidates_triton(cand, logits, pred, head, betas, temps).weights
+                z = logits.gather(1, cand.token_ids)
+                ref = fuse_candidates_torch(cand, z, pred, head, betas, temps).weights
+                got = fuse_candidates_triton(cand, z, pred, head, betas, temps).weights
                 sync()
                 qr = ref / ref.sum(-1, keepdim=True)
                 qg = got / got.sum(-1, keepdim=True)
@@ -175,7 +176,7 @@ def check_fusion(device, vocab, hiddens, batches, caps, log):
                     q64 = w64 / w64.sum(-1, keepdim=True)
                     r["max_abs_dq_triton_vs_f64"] = float((qg.double() - q64).abs().max())
                     r["max_abs_dq_torch_vs_f64"] = float((qr.double() - q64).abs().max())
-                    d_t = candidate_head_logits(head, ids, pred)
+                    d_t = candidate_head_logits(head, ids, pred, kept)
                     r["rel_err_d_torch_vs_f64"] = float(((d_t.double() - d64) * kept).norm() / (d64 * kept).norm())
                 r["ok"] = (not r["nan"]) and r["kept_set_mismatch"] == 0 and r["off_set_nonzero"] == 0 \
                     and r["max_abs_dq"] < 1e-4 and r["beta0_bit_exact"]
@@ -354,12 +355,13 @@ def check_no_sync(device, vocab, hidden, n, log):
 
     pred = s.distillers.forward(shallow, slots)
     cand = filt(logits, temps, top_ks, top_ps, min_ps, 256)
-    w = fuse_candidates(cand, logits, pred, head, betas, temps).weights
+    z = logits.gather(1, cand.token_ids)
+    w = fuse_candidates(cand, z, pred, head, betas, temps).weights
     parts = {
         "sample() whole": lambda: s.sample(*args),
         "distiller forward": lambda: s.distillers.forward(shallow, slots),
         "filter_candidates": lambda: filt(logits, temps, top_ks, top_ps, min_ps, 256),
-        "fuse_candidates (" + fusion_backend(device) + ")": lambda: fuse_candidates(cand, logits, pred, head, betas, temps),
+        "fuse_candidates (" + fusion_backend(device) + ")": lambda: fuse_candidates(cand, z, pred, head, betas, temps),
         "draw (torch.multinomial)": lambda: torch.multinomial(w, 1, generator=s.generator),
         "trainer.step_async": lambda: s.trainer.step_async(shallow, deep, slots),
         "assign_slots (steady, no fresh slot)": lambda: s.assign_slots(group_rows(n)),

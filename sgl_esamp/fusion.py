@@ -25,13 +25,16 @@ import torch
 from .candidates import Candidates, filter_sorted_, greedy_as_top1, greedy_rows, sampling_temperatures
 from .sharding import VocabShard
 
-GATHER_CHUNK_ELEMENTS = 1 << 26  # bounds the [rows, K, H] gather of the torch path
+# Elements of one [pairs, H] gather of the torch path: cache-sized on the CPU (large temporaries
+# cost fresh pages every step), large elsewhere (few launches).
+CPU_GATHER_CHUNK_ELEMENTS = 1 << 18
+GATHER_CHUNK_ELEMENTS = 1 << 24
 MAX_DRAW_K = 1024  # the fused draw kernel holds a row's K ranks in one block
 
 
 class Fused(NamedTuple):
     weights: torch.Tensor  # [N, K] unnormalised fused weights over the candidates' ranks, 0 off the kept set
-    head_logits: torch.Tensor  # [N, K] d = W_head[c] · ŷ (fp32), for the signal measurements
+    head_logits: torch.Tensor  # [N, K] d = W_head[c] · ŷ (fp32) on the kept set, 0 elsewhere; for the signal
 
 
 def shift_scale(temperatures: torch.Tensor, d_over_temperature: bool) -> torch.Tensor:
@@ -39,50 +42,50 @@ def shift_scale(temperatures: torch.Tensor, d_over_temperature: bool) -> torch.T
     return torch.ones_like(temperatures) if d_over_temperature else temperatures
 
 
+def all_pairs(rows: int, ranks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, rank) indices of every pair of a [rows, ranks] grid, row-major, as nonzero() lists them."""
+    return (torch.arange(rows, device=device).repeat_interleave(ranks),
+            torch.arange(ranks, device=device).repeat(rows))
+
+
 def candidate_head_logits(
-    lm_head_weight: torch.Tensor, token_ids: torch.Tensor, prediction: torch.Tensor,
+    lm_head_weight: torch.Tensor, token_ids: torch.Tensor, prediction: torch.Tensor, kept: torch.Tensor,
     vocab_shard: Optional[VocabShard] = None,
 ) -> torch.Tensor:
-    """d[i, k] = W_head[token_ids[i, k]] · prediction[i], by gathering rows (fp32 result).
+    """d[i, k] = W_head[token_ids[i, k]] · prediction[i] on the kept set, 0 elsewhere (fp32).
 
+    On the CPU only the kept (row, rank) pairs are gathered: listing them costs the host
+    nothing, and top-p keeps far fewer than K ranks in most rows. On CUDA every rank is
+    gathered, a fixed shape (listing the pairs would wait for the device).
     With `vocab_shard`, lm_head_weight is this rank's rows of a vocabulary-sharded head: each
     rank computes the products of the candidates it holds (0 for the others) and the sum over
     the ranks gives d everywhere."""
     N, K = token_ids.shape
-    H = prediction.shape[-1]
-    mine = None
-    if vocab_shard is not None:
-        mine, token_ids = vocab_shard.local_index(token_ids)
     # ŷ is rounded to the head's dtype (as the kernel reads it); products accumulate in fp32.
     pred = prediction.to(lm_head_weight.dtype).float()
-    rows_per_chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, K * H))
-    out = []
-    for start in range(0, N, rows_per_chunk):
-        rows = lm_head_weight[token_ids[start : start + rows_per_chunk]].float()  # [n, K, H]
-        out.append(torch.bmm(rows, pred[start : start + rows_per_chunk, :, None]).squeeze(-1))
-    d = torch.cat(out) if out else torch.empty(0, K, device=token_ids.device)
+    rows, ranks = kept.nonzero(as_tuple=True) if kept.device.type == "cpu" else all_pairs(N, K, kept.device)
+    ids = token_ids[rows, ranks]
+    mine = None
     if vocab_shard is not None:
-        d = vocab_shard.all_reduce(torch.where(mine, d, 0.0).contiguous())
+        mine, ids = vocab_shard.local_index(ids)
+    chunk = CPU_GATHER_CHUNK_ELEMENTS if pred.device.type == "cpu" else GATHER_CHUNK_ELEMENTS
+    pairs_per_chunk = max(1, chunk // max(1, pred.shape[-1]))
+    dots = [
+        (lm_head_weight.index_select(0, ids[start : start + pairs_per_chunk]).float()
+         * pred.index_select(0, rows[start : start + pairs_per_chunk])).sum(-1)
+        for start in range(0, ids.numel(), pairs_per_chunk)
+    ]
+    d_pairs = torch.cat(dots) if dots else pred.new_zeros(0)
+    if mine is not None:
+        d_pairs = torch.where(mine, d_pairs, 0.0)
+    d = pred.new_zeros(N, K).index_put_((rows, ranks), d_pairs)
+    d = torch.where(kept, d, 0.0)
+    if vocab_shard is not None:
+        d = vocab_shard.all_reduce(d.contiguous())
     return d
 
 
 def fuse_candidates_torch(
-    candidates: Candidates,
-    logits: torch.Tensor,
-    prediction: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    d_over_temperature: bool = True,
-    vocab_shard: Optional[VocabShard] = None,
-) -> Fused:
-    """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d."""
-    z = logits.float().gather(1, candidates.token_ids)
-    return fuse_on_candidates(candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature,
-                              vocab_shard)
-
-
-def fuse_on_candidates(
     candidates: Candidates,
     z: torch.Tensor,
     prediction: torch.Tensor,
@@ -92,10 +95,11 @@ def fuse_on_candidates(
     d_over_temperature: bool = True,
     vocab_shard: Optional[VocabShard] = None,
 ) -> Fused:
-    """fuse_candidates_torch given z [N, K], the logits at the candidates' ids."""
+    """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d.
+    z [N, K] are the (pre-temperature) logits at the candidates' ids."""
     weights, token_ids = candidates
     temps = sampling_temperatures(temperatures).float()
-    d = candidate_head_logits(lm_head_weight, token_ids, prediction, vocab_shard)
+    d = candidate_head_logits(lm_head_weight, token_ids, prediction, weights > 0, vocab_shard)
     scale = shift_scale(temps, d_over_temperature).view(-1, 1)
     shift = betas.float().view(-1, 1) * (z.float() - scale * d) / temps.view(-1, 1)
     return Fused(reweight(weights, shift), d)
@@ -112,7 +116,7 @@ def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 class DrawResult(NamedTuple):
     tokens: torch.Tensor  # [N] int64 drawn vocabulary ids
     weights: torch.Tensor  # [N, K] fp32 unnormalised weights drawn from, 0 off the kept set
-    head_logits: torch.Tensor  # [N, K] fp32 d = W_head[id] · ŷ on the kept set (0 elsewhere in the kernel)
+    head_logits: torch.Tensor  # [N, K] fp32 d = W_head[id] · ŷ on the kept set, 0 elsewhere
     kept_probs: torch.Tensor  # [N, K] fp32 the plain kept probabilities p, 0 off the kept set
     faults: torch.Tensor  # [N] bool: fused weights unusable (NaN/Inf/none positive), drawn from p instead
 
@@ -145,7 +149,7 @@ def fused_draw_torch(
     greedy = greedy_rows(temperatures)
     _, top_ks = greedy_as_top1(temperatures, top_ks)
     candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
-    fused, d = fuse_on_candidates(
+    fused, d = fuse_candidates_torch(
         candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature, vocab_shard
     )
     weights, faults = usable_or_plain(fused, candidates.weights)
@@ -169,7 +173,7 @@ def fusion_backend(device: torch.device) -> str:
 
 def fuse_candidates(
     candidates: Candidates,
-    logits: torch.Tensor,
+    z: torch.Tensor,
     prediction: torch.Tensor,
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
@@ -179,10 +183,10 @@ def fuse_candidates(
 ) -> Fused:
     """Fused weights over candidates, by the backend `fusion_backend` picks (torch for a
     vocabulary-sharded head: the sum over ranks sits between the products and the fusion)."""
-    args = (candidates, logits, prediction, lm_head_weight, betas, temperatures, d_over_temperature)
+    args = (candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature)
     if vocab_shard is not None:
         return fuse_candidates_torch(*args, vocab_shard)
-    if fusion_backend(logits.device) == "triton":
+    if fusion_backend(z.device) == "triton":
         from .kernels.fusion import fuse_candidates_triton  # lazy: triton is heavy to import
 
         return fuse_candidates_triton(*args)

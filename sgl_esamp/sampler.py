@@ -160,12 +160,12 @@ class ESampSampler:
         cap = self.config.max_candidates
         if 0 < cap < candidates.weights.shape[1]:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
+        z = logits.gather(1, candidates.token_ids)
         self.trainer.wait()
         prediction, betas = self._predict(shallow, segments, betas)
-        fused = fuse_candidates(candidates, logits, prediction, self.lm_head_weight, betas, temperatures,
+        fused = fuse_candidates(candidates, z, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature, self.vocab_shard)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
-        z = logits.float().gather(1, candidates.token_ids)
         self._record(segments, prediction, deep, candidates.weights, weights, z, fused.head_logits, faults)
         self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
         return Candidates(weights, candidates.token_ids)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sgl_esamp import filter_candidates, fuse_candidates_torch
+from sgl_esamp import filter_candidates, fuse_candidates_torch, fusion
 
 sglang_sampler = pytest.importorskip("sglang.srt.layers.sampler")
 TOP_K_ALL = 1 << 30
@@ -42,7 +42,7 @@ def test_beta_zero_is_plain_sampling_same_candidates_same_tokens(vocab):
         cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=0)
         assert torch.equal(cand.weights > 0, ref_weights > 0)
         assert torch.equal(cand.token_ids[cand.weights > 0], ref_ids.long()[ref_weights > 0])
-        fused = fuse_candidates_torch(cand, logits, pred, head, torch.zeros(8), temps).weights
+        fused = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, torch.zeros(8), temps).weights
         assert torch.equal(fused, cand.weights)  # bit for bit
         torch.manual_seed(seed)
         assert torch.equal(cand.token_ids.gather(1, torch.multinomial(fused, 1)).view(-1), ref_tokens.long())
@@ -80,7 +80,7 @@ def test_fused_probabilities_match_float64_reference(vocab, ties, neg_inf, cap, 
         8, vocab, 32, seed=vocab + cap, ties=ties, neg_inf=neg_inf
     )
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=cap)
-    fused, d = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
+    fused, d = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, betas, temps, d_over_temperature)
     kept = cand.weights > 0
     torch.testing.assert_close(d[kept], (head[cand.token_ids].double() @ pred.double()[:, :, None]).squeeze(-1)[kept].float(),
                                rtol=1e-4, atol=1e-4)
@@ -93,11 +93,34 @@ def test_fused_probabilities_match_float64_reference(vocab, ties, neg_inf, cap, 
     assert cand.weights[1].count_nonzero() == 1  # top_k = 1 row
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 100])  # 100 elements: a few pairs per chunk
+def test_head_logits_on_the_kept_pairs_only(chunk, monkeypatch):
+    """d is W_head[c] · ŷ on the kept set and 0 elsewhere, however the pairs are chunked, and
+    no row's product depends on which other rows are kept."""
+    monkeypatch.setattr(fusion, "CPU_GATHER_CHUNK_ELEMENTS", chunk)
+    logits, head, pred, temps, top_ks, top_ps, min_ps, _ = random_batch(8, 3000, 16, seed=11)
+    cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=64)
+    kept = cand.weights > 0
+    assert 0 < kept.sum() < kept.numel()
+    d = fusion.candidate_head_logits(head, cand.token_ids, pred, kept)
+    full = torch.einsum("nkh,nh->nk", head[cand.token_ids].double(), pred.double())
+    torch.testing.assert_close(d[kept].double(), full[kept], rtol=1e-5, atol=1e-5)
+    assert not d[~kept].any()
+    one_row = fusion.candidate_head_logits(head, cand.token_ids, pred, kept & (torch.arange(8) == 3).view(-1, 1))
+    assert torch.equal(one_row[3], d[3])
+
+
+def test_all_pairs_lists_the_grid_as_nonzero_does():
+    """The pairs the CUDA path computes (every rank: a fixed shape) are laid out as the CPU's."""
+    expected = torch.ones(3, 5).nonzero(as_tuple=True)
+    assert all(torch.equal(a, b) for a, b in zip(fusion.all_pairs(3, 5, torch.device("cpu")), expected))
+
+
 def test_greedy_rows_stay_argmax_whatever_beta():
     logits, head, pred, _, top_ks, top_ps, min_ps, _ = random_batch(8, 1000, 16, seed=7)
     temps = torch.zeros(8)
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps)
-    fused = fuse_candidates_torch(cand, logits, pred, head, torch.full((8,), 5.0), temps).weights
+    fused = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, torch.full((8,), 5.0), temps).weights
     assert torch.equal(cand.token_ids.gather(1, torch.multinomial(fused, 1)).view(-1), logits.argmax(-1))
 
 
@@ -108,6 +131,6 @@ def test_exploration_moves_mass_away_from_what_the_distiller_predicts():
     pred = torch.zeros(1, hidden)
     pred[0, 2] = 4.0  # Distiller expects token 2
     cand = filter_candidates(logits, torch.ones(1), torch.tensor([TOP_K_ALL]), torch.ones(1), torch.zeros(1))
-    fused = fuse_candidates_torch(cand, logits, pred, head, torch.ones(1), torch.ones(1)).weights
+    fused = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, torch.ones(1), torch.ones(1)).weights
     probs = torch.zeros(vocab).scatter(0, cand.token_ids[0], fused[0] / fused[0].sum())
     assert probs[2] < probs[3] / 10

@@ -94,7 +94,7 @@ def test_torch_reference_is_filter_then_fuse(kernel_module, d_over_temperature):
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=k)
     assert torch.equal(cand.token_ids, ids)
     assert torch.equal(ref.weights > 0, cand.weights > 0)
-    fused = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
+    fused = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, betas, temps, d_over_temperature)
     assert torch.equal(ref.weights, fused.weights)
     assert torch.equal(ref.head_logits, fused.head_logits)
     for row in (3, 6):  # β = 0: p bit for bit

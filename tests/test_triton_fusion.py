@@ -33,8 +33,8 @@ def test_triton_fusion_matches_torch_reference(kernel_module, vocab, hidden, cap
     min_ps = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.01])
     betas = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0])
     cand = filter_candidates(logits, temps, top_ks, top_ps, min_ps, max_candidates=cap)
-    ref, ref_d = fuse_candidates_torch(cand, logits, pred, head, betas, temps, d_over_temperature)
-    got, got_d = kernel_module.fuse_candidates_triton(cand, logits, pred, head, betas, temps, d_over_temperature)
+    ref, ref_d = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, betas, temps, d_over_temperature)
+    got, got_d = kernel_module.fuse_candidates_triton(cand, logits.gather(1, cand.token_ids), pred, head, betas, temps, d_over_temperature)
     assert torch.equal(got > 0, ref > 0)
     kept = cand.weights > 0
     torch.testing.assert_close(got_d[kept], ref_d[kept], rtol=2e-4, atol=1e-5)

@@ -43,7 +43,7 @@ def candidate_head_dot(ids, kept, pred_row_ptr, head_ptr, H, head_stride,
 def _candidate_shift_kernel(
     weights_ptr,
     ids_ptr,
-    logits_ptr,
+    z_ptr,
     pred_ptr,
     head_ptr,
     betas_ptr,
@@ -53,7 +53,6 @@ def _candidate_shift_kernel(
     out_ptr,
     K,
     H,
-    logits_stride,
     head_stride,
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -65,7 +64,7 @@ def _candidate_shift_kernel(
     kept = weights > 0
     ids = tl.load(ids_ptr + row * K + offs_k, mask=kept, other=0)
     acc = candidate_head_dot(ids, kept, pred_ptr + row * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
-    z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * K + offs_k, mask=kept, other=0.0).to(tl.float32)
     beta = tl.load(betas_ptr + row)
     temp = tl.load(temps_ptr + row)
     scale = tl.load(scales_ptr + row)
@@ -75,7 +74,7 @@ def _candidate_shift_kernel(
 
 def fuse_candidates_triton(
     candidates: Candidates,
-    logits: torch.Tensor,
+    z: torch.Tensor,
     prediction: torch.Tensor,
     lm_head_weight: torch.Tensor,
     betas: torch.Tensor,
@@ -90,13 +89,13 @@ def fuse_candidates_triton(
     weights = weights.contiguous()
     shift = torch.empty(N, K, device=weights.device, dtype=torch.float32)
     d = torch.empty_like(shift)
-    if lm_head_weight.stride(1) != 1 or logits.stride(1) != 1:
-        raise ValueError("fusion kernel needs row-major logits and LM-head weight")
+    if lm_head_weight.stride(1) != 1:
+        raise ValueError("fusion kernel needs a row-major LM-head weight")
     grid = (N, triton.cdiv(K, BLOCK_K))
     _candidate_shift_kernel[grid](
         weights,
         token_ids.contiguous(),
-        logits,
+        z.contiguous(),
         prediction.to(lm_head_weight.dtype).contiguous(),
         lm_head_weight,
         betas.float().contiguous(),
@@ -106,7 +105,6 @@ def fuse_candidates_triton(
         shift,
         K,
         H,
-        logits.stride(0),
         lm_head_weight.stride(0),
         BLOCK_K=BLOCK_K,
         BLOCK_H=BLOCK_H,
