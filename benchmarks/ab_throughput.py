@@ -42,7 +42,7 @@ from pathlib import Path
 
 import requests
 
-from sgl_esamp.patches.launch import CPU_ARGS, cpu_dtype_args, has_cuda, launch, server_env
+from sgl_esamp.patches.launch import launch, machine_args, server_env
 
 PROMPTS = ["Write a long story about a lighthouse.", "Explain how rain forms.", "Describe a busy market.",
            "List ideas for a birthday party.", "Tell me about the history of tea.", "Describe a city at night.",
@@ -86,14 +86,14 @@ def run_offline(model: Path, arm: str, args: argparse.Namespace, common: list[st
     body = {"temperature": 1.0, "top_p": 0.95, "n": args.n, **({"custom_params": custom} if custom else {})}
     result = workdir / f"{arm}.jsonl"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-c", OFFLINE_MAIN, "--model-path", str(model), *common,
+    # the servers' machine arguments, less --sleep-on-idle (the offline figures were taken without it)
+    engine = [a for a in machine_args(common) if a != "--sleep-on-idle"]
+    cmd = [sys.executable, "-c", OFFLINE_MAIN, "--model-path", str(model), *engine, *common,
            "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--num-prompts", str(args.prompts),
            "--sharegpt-output-len", str(args.tokens), "--extra-request-body", json.dumps(body),
            "--result-filename", str(result)]
     if server == "esamp":
         cmd += ["--sampler", "esamp"]
-    if not has_cuda():
-        cmd += [a for a in CPU_ARGS if a != "--sleep-on-idle"] + cpu_dtype_args(common)
     env = server_env(common)
     if server == "stock":
         env["SGLANG_PLUGINS"] = "none"  # a whitelist of plugin names: this one matches none
@@ -123,8 +123,6 @@ def print_round(r: int, tps: dict[str, list[float]]) -> None:
 def offline_rounds(args: argparse.Namespace, common: list[str]) -> dict[str, list[float]]:
     """tok/s per arm and round by SGLang's offline harness, arms alternated within each round."""
     tps: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    if not has_cuda():
-        common = [*common, "--max-total-tokens", "65536"]  # as launch() bounds the CPU KV pool
     with tempfile.TemporaryDirectory(prefix="esamp-ab-") as tmp:
         for r in range(args.rounds):
             for arm in arm_order(r):

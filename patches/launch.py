@@ -64,16 +64,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def machine_args(extra_args: Sequence[str] = ()) -> list[str]:
+    """SGLang arguments this machine needs besides the caller's `extra_args` (which go after
+    them, so they win): on a machine without CUDA, the CPU engine's, with a bounded KV pool."""
+    if has_cuda():
+        return []
+    args = CPU_ARGS + cpu_dtype_args(extra_args)
+    if "--max-total-tokens" not in extra_args:
+        args += CPU_POOL_ARGS
+    return args
+
+
 def server_command(model_path: str | Path, port: int, *, esamp: bool, extra_args: Sequence[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     if esamp:
         cmd += ["--sampler", "esamp"]
-    if not has_cuda():
-        cmd += CPU_ARGS + cpu_dtype_args(extra_args)
-        if "--max-total-tokens" not in extra_args:
-            cmd += CPU_POOL_ARGS
-    return cmd + list(extra_args)
+    return cmd + machine_args(extra_args) + list(extra_args)
 
 
 def _flag_value(args: Sequence[str], *names: str, default: int = 1) -> int:
