@@ -148,7 +148,11 @@ class DistillerBank:
         self.init = DistillerInit(**{k: v.to(self.device, dtype) for k, v in vars(init).items()})
         self.shapes = {name: tuple(start.shape) for name, start in vars(self.init).items()}
         self.init_flat = torch.cat([start.flatten() for start in vars(self.init).values()])
-        self.flat = self.init_flat.unsqueeze(0).repeat(num_slots, 1)  # [S, P]
+        # One spare row past the last slot takes the writes that must land nowhere (a slot
+        # skipping its step), so a write-back keeps one shape and never asks the device
+        # which slots those are. Nothing reads it.
+        self.rows = self.init_flat.unsqueeze(0).repeat(num_slots + 1, 1)  # [S + 1, P]
+        self.flat = self.rows[:num_slots]  # [S, P]
         self.params: dict[str, torch.Tensor] = self.views(self.flat)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

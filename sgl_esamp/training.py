@@ -5,8 +5,8 @@ Loss of a step (rows i with slot s_i ≥ 0, n_s rows in slot s):
     L = Σ_s (1/n_s) Σ_{i: s_i = s} mean_h (ŷ_i - y_i)²
 
 Per-row MSE averaged within a slot and summed over slots, so every slot's gradient is
-exactly what it would be trained alone. The update is torch's AdamW (decoupled weight
-decay; 0 makes it Adam) with per-slot moments and step counts, applied to the step's
+exactly what it would be trained alone. The update is torch's fused AdamW (decoupled
+weight decay; 0 makes it Adam) with per-slot moments and step counts, applied to the step's
 distinct slots only: their parameters and moments are gathered, updated and written
 back, so an idle slot keeps its weights and moments bit for bit (no momentum drift, no
 decay), and one group's training never shows in another's.
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.optim.adamw import adamw
 
 from .distiller import DistillerBank
 from .segments import SlotSegments
@@ -37,7 +38,8 @@ class DistillerTrainer:
         self.lr = lr
         self.weight_decay = weight_decay
         S, dev = bank.num_slots, bank.device
-        self.exp_avg_flat, self.exp_avg_sq_flat = torch.zeros_like(bank.flat), torch.zeros_like(bank.flat)
+        self.exp_avg_rows, self.exp_avg_sq_rows = torch.zeros_like(bank.rows), torch.zeros_like(bank.rows)
+        self.exp_avg_flat, self.exp_avg_sq_flat = self.exp_avg_rows[:S], self.exp_avg_sq_rows[:S]
         self.exp_avg, self.exp_avg_sq = bank.views(self.exp_avg_flat), bank.views(self.exp_avg_sq_flat)
         self.steps = torch.zeros(S, dtype=torch.int64, device=dev)
         self.pairs = torch.zeros(S, dtype=torch.int64, device=dev)  # (x, y) pairs learnt, all steps
@@ -86,32 +88,33 @@ class DistillerTrainer:
         grad = torch.cat([g.flatten(1) for g in grads], dim=1)  # [D, P], laid out as `flat`
         # A slot whose loss or gradient is not finite (NaN/Inf in its hidden states, or a
         # diverged Distiller) skips the step and counts a fault; the others step as usual.
+        # One sum per slot catches any NaN/Inf element (they propagate), and a sum that
+        # overflows means a gradient whose square would have overflowed Adam's moment.
         loss = loss.detach()
-        ok = torch.isfinite(loss) & torch.isfinite(grad).all(1)
+        ok = torch.isfinite(loss) & torch.isfinite(grad.sum(1))
         slots = segments.distinct
+        self._adamw(slots, flat, grad, ok)
         self.faults.index_add_(0, slots, (~ok).long())
         self.steps.index_add_(0, slots, ok.long())
         self.pairs.index_add_(0, slots, segments.counts * ok)
-        self._adamw(slots, flat, grad, ok)
         self.last_loss.index_copy_(0, slots, torch.where(ok, loss, self.last_loss[slots].to(loss.dtype)).float())
         self.loss_sum.index_add_(0, slots, torch.where(ok, loss, 0).double())
 
     @torch.no_grad()
     def _adamw(self, slots: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor) -> None:
-        """AdamW as torch.optim.AdamW computes it (decay, then the bias-corrected Adam step),
-        on the flat parameters [D, P] gathered for `slots`, written back with their moments
-        (unchanged where `ok` is False)."""
+        """torch's fused AdamW (one kernel for all slots) on the flat parameters [D, P] gathered
+        for `slots` and their moments, written back; a slot that is not `ok` skips its step
+        whole: its updated rows are written to the spare row instead of its own."""
+        exp_avg = self.exp_avg_flat.index_select(0, slots)
+        exp_avg_sq = self.exp_avg_sq_flat.index_select(0, slots)
+        steps = self.steps.index_select(0, slots).float()  # before this step; adamw counts it
         b1, b2 = ADAM_BETAS
-        t = self.steps.index_select(0, slots).to(self.bank.dtype).unsqueeze(1)
-        bias1, bias2 = 1 - b1**t, 1 - b2**t
-        keep = ok.unsqueeze(1)
-        m0, v0 = self.exp_avg_flat.index_select(0, slots), self.exp_avg_sq_flat.index_select(0, slots)
-        m = b1 * m0 + (1 - b1) * grad
-        v = b2 * v0 + (1 - b2) * grad * grad
-        decayed = param * (1 - self.lr * self.weight_decay) if self.weight_decay else param
-        updated = decayed - self.lr * (m / bias1) / ((v / bias2).sqrt() + ADAM_EPS)
-        for state, new, old in ((self.exp_avg_flat, m, m0), (self.exp_avg_sq_flat, v, v0), (self.bank.flat, updated, param)):
-            state.index_copy_(0, slots, torch.where(keep, new, old))
+        adamw(param.unbind(), grad.unbind(), exp_avg.unbind(), exp_avg_sq.unbind(), [], steps.unbind(),
+              fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=self.lr, weight_decay=self.weight_decay,
+              eps=ADAM_EPS, maximize=False)
+        target = torch.where(ok, slots, self.bank.num_slots)
+        for rows, new in ((self.exp_avg_rows, exp_avg), (self.exp_avg_sq_rows, exp_avg_sq), (self.bank.rows, param)):
+            rows.index_copy_(0, target, new)
 
     # -- asynchronous use -------------------------------------------------------------
     def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments) -> None:

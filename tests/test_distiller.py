@@ -74,6 +74,25 @@ def test_training_group_a_never_touches_group_b_or_its_optimizer_state():
     assert trainer.steps.tolist() == [6, 1]
 
 
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_slot_with_a_non_finite_step_skips_it_whole_while_the_others_step(poison):
+    trainer, alone = make_trainer(2), make_trainer(2)
+    batch = group_batches(2, 2)
+    for t in (trainer, alone):  # one clean step each, so both slots have momentum to lose
+        t.step(torch.cat([batch[0][0][0], batch[0][1][0]]), torch.cat([batch[0][0][1], batch[0][1][1]]),
+               SlotSegments.of([0] * len(batch[0][0][0]) + [1] * len(batch[0][1][0])))
+    snapshot = lambda t, s: [x[s].clone() for state in (t.bank.params, t.exp_avg, t.exp_avg_sq) for x in state.values()]
+    slot0_before = snapshot(trainer, 0)
+    x0 = batch[1][0][0].clone()
+    x0[0, 3] = float(poison)
+    trainer.step(torch.cat([x0, batch[1][1][0]]), torch.cat([batch[1][0][1], batch[1][1][1]]),
+                 SlotSegments.of([0] * len(x0) + [1] * len(batch[1][1][0])))
+    alone.step(batch[1][1][0], batch[1][1][1], SlotSegments.of([1] * len(batch[1][1][0])))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 0), slot0_before))  # weights and moments
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 1), snapshot(alone, 1)))  # as if alone
+    assert trainer.steps.tolist() == [1, 2] and trainer.faults.tolist() == [1, 0]
+
+
 def test_rows_without_slot_are_ignored():
     trainer = make_trainer(1)
     x, y = torch.randn(3, H, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
