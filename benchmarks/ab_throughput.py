@@ -75,14 +75,15 @@ OFFLINE_MAIN = ("import sys; from sglang.srt.plugins import load_plugins; load_p
                 "from sglang.benchmark.offline_throughput import cli_main; sys.argv[0] = 'offline_throughput'; cli_main()")
 
 
-def run_offline(model: Path, arm: str, args: argparse.Namespace, common: list[str], workdir: Path) -> float:
-    """Output tokens/s of one run of SGLang's offline harness for one arm."""
+def batch_prompts(count: int) -> list[str]:
+    """The batch's `count` prompts (PROMPTS, repeated as needed)."""
+    return (PROMPTS * count)[:count]
+
+
+def run_offline(model: Path, arm: str, args: argparse.Namespace, common: list[str], dataset: Path) -> float:
+    """Output tokens/s of one run of SGLang's offline harness for one arm, on the prompts in `dataset`."""
     server, custom = ARMS[arm]
-    dataset = workdir / "prompts.json"  # ShareGPT layout, so the harness downloads nothing
-    if not dataset.exists():
-        prompts = (PROMPTS * args.prompts)[: args.prompts]
-        dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": text},
-                                                          {"from": "gpt", "value": "unused"}]} for text in prompts]))
+    workdir = dataset.parent
     body = {"temperature": 1.0, "top_p": 0.95, "n": args.n, **({"custom_params": custom} if custom else {})}
     result = workdir / f"{arm}.jsonl"
     result.unlink(missing_ok=True)
@@ -124,9 +125,13 @@ def offline_rounds(args: argparse.Namespace, common: list[str]) -> dict[str, lis
     """tok/s per arm and round by SGLang's offline harness, arms alternated within each round."""
     tps: dict[str, list[float]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="esamp-ab-") as tmp:
+        dataset = Path(tmp) / "prompts.json"  # ShareGPT layout, so the harness downloads nothing
+        dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": text},
+                                                          {"from": "gpt", "value": "unused"}]}
+                                       for text in batch_prompts(args.prompts)]))
         for r in range(args.rounds):
             for arm in arm_order(r):
-                tps[arm].append(run_offline(args.model, arm, args, common, Path(tmp)))
+                tps[arm].append(run_offline(args.model, arm, args, common, dataset))
             print_round(r, tps)
     return tps
 
@@ -136,7 +141,7 @@ def http_rounds(args: argparse.Namespace, common: list[str]) -> dict[str, list[f
     tps: dict[str, list[float]] = {arm: [] for arm in ARMS}
     servers = {"stock": launch(args.model, esamp=False, plugins=False, extra_args=common),
                "esamp": launch(args.model, esamp=True, extra_args=common)}
-    prompts = (PROMPTS * args.prompts)[: args.prompts]
+    prompts = batch_prompts(args.prompts)
     try:
         for server in servers.values():  # warm-up
             run_batch(server.url, prompts[:1], 2, 4, None)

@@ -10,14 +10,16 @@ import subprocess
 import sys
 import textwrap
 
-from sgl_esamp.patches.launch import server_env
+from sgl_esamp.patches.launch import machine_args, server_env
+
+ENGINE_ARGS = ["--sampler", "esamp", "--esamp-slots", "3", "--random-seed", "0",
+               "--max-total-tokens", "65536", "--max-running-requests", "8"]
 
 SCRIPT = textwrap.dedent(
     """
     import argparse, json, sys
 
     import sglang as sgl
-    import torch
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs
 
@@ -25,10 +27,7 @@ SCRIPT = textwrap.dedent(
         load_plugins()  # before parsing: the plugin adds --sampler and --esamp-*
         parser = argparse.ArgumentParser()
         ServerArgs.add_cli_args(parser)
-        argv = ["--model-path", sys.argv[1], "--sampler", "esamp", "--esamp-slots", "3", "--random-seed", "0",
-                "--max-total-tokens", "65536", "--max-running-requests", "8"]
-        if not torch.cuda.is_available():
-            argv += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+        argv = ["--model-path", sys.argv[1], *json.loads(sys.argv[2])]
         llm = sgl.Engine(server_args=ServerArgs.from_cli_args(parser.parse_args(argv)))
         report = {}
         try:
@@ -57,8 +56,9 @@ SCRIPT = textwrap.dedent(
 def test_offline_engine_samples_with_esamp(tiny_model, tmp_path):
     script = tmp_path / "engine_esamp.py"
     script.write_text(SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(tiny_model)], capture_output=True, text=True,
-                         env=server_env(), timeout=600)
+    engine_args = machine_args(ENGINE_ARGS) + ENGINE_ARGS  # the CPU engine's arguments on a machine without CUDA
+    run = subprocess.run([sys.executable, str(script), str(tiny_model), json.dumps(engine_args)], capture_output=True,
+                         text=True, env=server_env(), timeout=600)
     lines = [line for line in run.stdout.splitlines() if line.startswith("REPORT ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(lines[-1][len("REPORT "):])
