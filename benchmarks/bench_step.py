@@ -204,7 +204,7 @@ def bench_components(device, head, n, cap, log, copy_bw, sweep=True, sets=4, rep
     args = lambda i: (inputs[i][0], inputs[i][1], inputs[i][2], slots, betas, temps, top_ks, top_ps, min_ps)  # noqa: E731
     r["sample_us"] = bench_us(run(lambda i: s.sample(*args(i))), rep)  # main stream, waits for the last step
     step_async = s.trainer.step_async
-    s.trainer.step_async = lambda *a: None
+    s.trainer.step_async = lambda *a, **k: None
     r["sample_notrain_us"] = bench_us(run(lambda i: s.sample(*args(i))), rep)
     s.trainer.step_async = step_async
     r["plain_lite_us"] = bench_us(run(lambda i: plain_sample(inputs[i][0], temps, top_ks, top_ps, min_ps, 256, gen)), rep)
@@ -345,7 +345,7 @@ def bench_e2e(device, head, n, model, log, steps, repeats=2):
             if name in ("esamp_eager", "esamp_notrain", "esamp_synctrain"):
                 s.graphs = None  # eager steps (the arms below change the eager training)
             if name == "esamp_notrain":
-                s.trainer.step_async = lambda *a: None
+                s.trainer.step_async = lambda *a, **k: None
             if name == "esamp_synctrain":
                 s.trainer.stream = None  # step() on the main stream, serialised with the model
             try:
@@ -379,7 +379,7 @@ def traffic_model(log, hiddens, batches, vocab, bw=3.0e12, fp32_flops=51e12):
     GATHERS = {"index", "gather", "index_select", "embedding"}
     SCATTERS = {"index_put", "index_put_", "_index_put_impl_", "index_add_", "index_add", "index_copy_",
                 "index_fill_", "scatter_add_", "scatter_add", "scatter_", "scatter"}
-    MATMULS = {"mm", "bmm", "addmm", "matmul"}
+    MATMULS = {"mm", "bmm", "addmm", "baddbmm", "matmul"}
     FREE = {"view", "_unsafe_view", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze", "select",
             "slice", "permute", "alias", "detach", "lift_fresh", "_reshape_alias", "reshape", "split",
             "unbind", "empty", "empty_like", "empty_strided", "new_empty", "_local_scalar_dense"}

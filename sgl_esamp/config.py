@@ -77,7 +77,7 @@ class ESampConfig:
                      bounding the W_head gather; 0 means no bound (the whole kept set).
     seed:            seed of the Distiller's initial weights (shared by all slots).
     cuda_graph:      on CUDA, replay decode steps as CUDA graphs (graphs.py): the host
-                     enqueues a few copies and two replays instead of ~185 torch ops.
+                     enqueues a few copies and two replays instead of ~200 torch ops.
                      Off by default until benchmarks/gpu_check.py (f) has passed on a GPU.
     """
 

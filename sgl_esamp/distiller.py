@@ -15,13 +15,18 @@ are scattered into a [D, width, H] block, and three batched GEMMs (bmm) compute 
 group's Distiller at once: the cost is that of the rows themselves (plus padding to
 the largest group), whatever the number of slots S, forward and backward, and
 gradients exist only for the gathered slots.
+
+The backward is written out (`DistillerBank.backward`) rather than left to autograd: it is
+a dozen ops on the forward's saved activations, where autograd would record a graph node
+per op and, on CUDA, hand the backward to its own thread. The eager step is host-bound
+on a GPU, so every dispatch counts; tests hold it to autograd's gradients.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,30 @@ import torch.nn.functional as F
 from .segments import SlotSegments
 
 LN_EPS = 1e-5
+
+
+class BlockForward(NamedTuple):
+    """A forward over blocks [D, W, H] of rows (segment d with slot distinct[d]'s parameters):
+    the prediction, the parameters it used and the activations the backward needs. Training
+    on the rows a step has just predicted starts from it instead of running its own forward."""
+
+    flat: torch.Tensor  # [D, P] the gathered parameters
+    params: dict[str, torch.Tensor]  # views of flat by name
+    x: torch.Tensor  # [D, W, H] the rows
+    up: torch.Tensor  # [D, W, r] x A
+    gate: torch.Tensor  # [D, W, r] x G + b
+    gate_act: torch.Tensor  # [D, W, r] SiLU(gate)
+    h: torch.Tensor  # [D, W, r] up ⊙ gate_act
+    u: torch.Tensor  # [D, W, H] x + h B, the LayerNorm's input
+    mean: torch.Tensor  # [D, W, 1] its statistics
+    rstd: torch.Tensor  # [D, W, 1]
+    normed: torch.Tensor  # [D, W, H] LN(u) before gain and bias
+    prediction: torch.Tensor  # [D, W, H] ŷ
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor it holds (params are views of flat)."""
+        return (self.flat, *self[2:])
 
 
 @dataclass
@@ -173,21 +202,55 @@ class DistillerBank:
         """The flat parameters [D, P] of the step's distinct slots (`views` names them)."""
         return self.flat.index_select(0, segments.distinct)
 
-    def forward(self, x: torch.Tensor, segments: SlotSegments, params: Optional[dict] = None) -> torch.Tensor:
-        """Predict the deep state for each row of x [N, H] with the Distiller of its slot.
-
-        params: the gathered parameters by name, [D, ...] each (default: gathered here). Rows without a
-        slot get an arbitrary prediction that the caller must ignore (keeping the shapes the
-        host laid out, instead of filtering on the device).
-        """
-        N, H = x.shape
-        if segments.num_distinct == 0:
-            return torch.zeros(N, H, device=x.device, dtype=self.dtype)
-        p = self.views(self.gather(segments)) if params is None else params
+    def blocks(self, x: torch.Tensor, segments: SlotSegments) -> torch.Tensor:
+        """Rows x [N, H] laid out by segment: [D, width + 1, H], zero past each segment's rows.
+        Rows without a slot are parked in the last row, which is then cleared: whatever they
+        hold (NaN included) must not reach the batched GEMMs' sums over rows."""
         x = x.to(self.dtype)
-        seg, pos = segments.segment, segments.position
-        block = x.new_zeros(segments.num_distinct, segments.width + 1, H).index_put((seg, pos), x)
-        h = torch.bmm(block, p["A"]) * F.silu(torch.bmm(block, p["G"]) + p["b"].unsqueeze(1))
-        delta = torch.bmm(h, p["B"])[seg, pos]
-        z = F.layer_norm(x + delta, (H,), eps=LN_EPS)
-        return z * p["gain"][seg] + p["bias"][seg]
+        block = x.new_zeros(segments.num_distinct, segments.width + 1, x.shape[1])
+        block.index_put_((segments.segment, segments.position), x)
+        block[:, -1].zero_()
+        return block
+
+    def predict(self, x: torch.Tensor, segments: SlotSegments) -> tuple[torch.Tensor, Optional[BlockForward]]:
+        """ŷ [N, H] for each row of x [N, H] by the Distiller of its slot, and the forward that
+        computed it (None when no row has a slot). Rows without a slot get an arbitrary
+        prediction that the caller must ignore (keeping the shapes the host laid out,
+        instead of filtering on the device)."""
+        if segments.num_distinct == 0:
+            return torch.zeros(x.shape, device=x.device, dtype=self.dtype), None
+        forward = self.forward_blocks(self.blocks(x, segments), self.gather(segments))
+        return forward.prediction[segments.segment, segments.position], forward
+
+    def forward(self, x: torch.Tensor, segments: SlotSegments) -> torch.Tensor:
+        """ŷ [N, H] for each row of x [N, H] (see `predict`)."""
+        return self.predict(x, segments)[0]
+
+    def forward_blocks(self, x: torch.Tensor, flat: torch.Tensor) -> BlockForward:
+        """The Distiller over blocks of rows x [D, W, H], segment d with the parameters flat[d]."""
+        p = self.views(flat)
+        up = torch.bmm(x, p["A"])
+        gate = torch.baddbmm(p["b"].unsqueeze(1), x, p["G"])
+        gate_act = F.silu(gate)
+        h = up * gate_act
+        u = torch.baddbmm(x, h, p["B"])
+        normed, mean, rstd = torch.native_layer_norm(u, [x.shape[-1]], None, None, LN_EPS)
+        prediction = torch.addcmul(p["bias"].unsqueeze(1), normed, p["gain"].unsqueeze(1))
+        return BlockForward(flat, p, x, up, gate, gate_act, h, u, mean, rstd, normed, prediction)
+
+    def backward(self, forward: BlockForward, grad_prediction: torch.Tensor) -> torch.Tensor:
+        """Gradients [D, P] (laid out as `flat`) of Σ grad_prediction · ŷ with respect to each
+        segment's parameters, from the forward that computed ŷ."""
+        f, p = forward, forward.params
+        grads = {"gain": (grad_prediction * f.normed).sum(1), "bias": grad_prediction.sum(1)}
+        grad_u = torch.ops.aten.native_layer_norm_backward(
+            grad_prediction * p["gain"].unsqueeze(1), f.u, [f.u.shape[-1]], f.mean, f.rstd,
+            None, None, [True, False, False])[0]
+        grads["B"] = torch.bmm(f.h.transpose(1, 2), grad_u)
+        grad_h = torch.bmm(grad_u, p["B"].transpose(1, 2))
+        grad_gate = torch.ops.aten.silu_backward(grad_h * f.up, f.gate)
+        x_t = f.x.transpose(1, 2)
+        grads["A"] = torch.bmm(x_t, grad_h * f.gate_act)
+        grads["G"] = torch.bmm(x_t, grad_gate)
+        grads["b"] = grad_gate.sum(1)
+        return torch.cat([grads[name].flatten(1) for name in self.shapes], dim=1)

@@ -1,6 +1,6 @@
 """CUDA graphs of the ESamp decode step.
 
-Eagerly, one `ESampSampler.sample` enqueues about 185 small torch ops (prediction, draw,
+Eagerly, one `ESampSampler.sample` enqueues a couple of hundred small torch ops (prediction, draw,
 signal, training); on a GPU the host then takes longer than the device. A decode batch
 keeps the same shapes (rows N, candidates K, distinct slots D, largest group) step after
 step, so each shape is captured once and replayed: the host copies the step's inputs into
@@ -44,11 +44,14 @@ class CapturedStep:
         pool = torch.cuda.graph_pool_handle()
         self.draw = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.draw, pool=pool, capture_error_mode="thread_local"):
-            self.tokens = sampler.draw_step(*self.inputs, segments=self.segments)
-        # The draw runs first on every replay, so the training graph may share its pool.
+            self.tokens, forward = sampler.draw_step(*self.inputs, segments=self.segments)
+        # The draw runs first on every replay, so the training graph may share its pool; it
+        # starts from the draw's Distiller forward, whose buffers the draw graph rewrites
+        # only after the caller has waited for the last training step.
         self.train = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.train, pool=pool, stream=sampler.trainer.stream, capture_error_mode="thread_local"):
-            sampler.trainer.step(shallow, deep, self.segments)
+            sampler.trainer.step(shallow, deep, self.segments, forward)
+        self.forward = forward  # the training graph reads these buffers
 
     def replay(self, inputs: Sequence[torch.Tensor], segments: SlotSegments) -> torch.Tensor:
         """The step on new inputs; the caller has made the stream wait for the last training step,

@@ -7,8 +7,8 @@ captured by the engine):
   2. keep SGLang's candidate set of softmax(z / T) under top-k/top-p/min-p;
   3. fuse on the candidates with d = W_head[c] · ŷ and draw the token;
   4. record the novelty signal and queue one training step on the pairs (x, y) the
-     forward step just saw: the sampled rows' own in a decode step, every prompt token
-     of the group in a prefill.
+     forward step just saw: the sampled rows' own in a decode step (training starts
+     from step 1's Distiller forward), every prompt token of the group in a prefill.
 `sample` does 2-3 in one fused keep-fuse-draw (one Triton kernel on CUDA; with
 `cuda_graph`, steps 1-4 replay as CUDA graphs, graphs.py); `fuse` does 3 without the
 draw, for an engine that draws all its rows in one call of its own.
@@ -25,7 +25,7 @@ import torch
 from .bank import GroupBank
 from .candidates import Candidates, most_probable, sampling_probs
 from .config import ESampConfig
-from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
+from .distiller import BlockForward, DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import MAX_DRAW_K, fuse_candidates, fused_draw, fusion_backend, usable_or_plain
 from .graphs import StepGraphs
 from .mirror import HostMirror
@@ -162,12 +162,12 @@ class ESampSampler:
             candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
         z = logits.gather(1, candidates.token_ids)
         self.trainer.wait()
-        prediction, betas = self._predict(shallow, segments, betas)
+        prediction, forward, betas = self._predict(shallow, segments, betas)
         fused = fuse_candidates(candidates, z, prediction, self.lm_head_weight, betas, temperatures,
                                 self.variant.d_over_temperature, self.vocab_shard)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
         self._record(segments, prediction, deep, candidates.weights, weights, z, fused.head_logits, faults)
-        self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
+        self._queue_training(seen, Pairs(shallow, deep, segments), forward)
         return Candidates(weights, candidates.token_ids)
 
     @torch.no_grad()
@@ -200,22 +200,24 @@ class ESampSampler:
             if tokens is not None:
                 self.mirror.publish()
                 return tokens
-        tokens = self.draw_step(*inputs, segments=segments)
-        self._queue_training(seen if seen is not None else Pairs(shallow, deep, segments))
+        tokens, forward = self.draw_step(*inputs, segments=segments)
+        self._queue_training(seen, Pairs(shallow, deep, segments), forward)
         return tokens
 
     def draw_step(self, probs_sorted: torch.Tensor, token_ids: torch.Tensor, z: torch.Tensor, shallow: torch.Tensor,
                   deep: torch.Tensor, betas: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
-                  top_ps: torch.Tensor, min_ps: torch.Tensor, *, segments: SlotSegments) -> torch.Tensor:
+                  top_ps: torch.Tensor, min_ps: torch.Tensor, *,
+                  segments: SlotSegments) -> tuple[torch.Tensor, Optional[BlockForward]]:
         """Predict, keep, fuse, draw and record: the device part of a step, without training.
-        z are the logits at token_ids."""
-        prediction, betas = self._predict(shallow, segments, betas)
+        z are the logits at token_ids. Returns the tokens and the Distiller's forward, which
+        training on these rows starts from."""
+        prediction, forward, betas = self._predict(shallow, segments, betas)
         drawn = fused_draw(probs_sorted, token_ids, z, prediction, self.lm_head_weight, betas, temperatures,
                            top_ks, top_ps, min_ps, self.variant.d_over_temperature, self.generator, self.philox,
                            self.vocab_shard)
         self.philox[1:] += probs_sorted.numel()  # fresh counters for the next draw
         self._record(segments, prediction, deep, drawn.kept_probs, drawn.weights, z, drawn.head_logits, drawn.faults)
-        return drawn.tokens
+        return drawn.tokens, forward
 
     def _graphable(self, probs_sorted: torch.Tensor) -> bool:
         """Whether this step may be a CUDA graph: the draw is the Triton kernel's, on one rank."""
@@ -223,10 +225,10 @@ class ESampSampler:
                 and fusion_backend(probs_sorted.device) == "triton")
 
     def _predict(self, shallow: torch.Tensor, segments: SlotSegments,
-                 betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ŷ for the rows, and their betas (0 for rows without a slot)."""
-        prediction = self.distillers.forward(shallow, segments)
-        return prediction, torch.where(segments.slots >= 0, betas.float(), 0.0)
+                 betas: torch.Tensor) -> tuple[torch.Tensor, Optional[BlockForward], torch.Tensor]:
+        """ŷ for the rows, the forward that computed it, and the rows' betas (0 without a slot)."""
+        prediction, forward = self.distillers.predict(shallow, segments)
+        return prediction, forward, torch.where(segments.slots >= 0, betas.float(), 0.0)
 
     def _record(self, segments: SlotSegments, prediction: torch.Tensor, deep: torch.Tensor, kept_probs: torch.Tensor,
                 fused_weights: torch.Tensor, z: torch.Tensor, head_logits: torch.Tensor, faults: torch.Tensor) -> None:
@@ -236,9 +238,13 @@ class ESampSampler:
         self.signal.record(slots, self.trainer.steps[slots.clamp_min(0)], prediction, deep, kept_probs,
                            fused_weights, z, head_logits)
 
-    def _queue_training(self, seen: Pairs) -> None:
-        """Queue the training step on the pairs the forward step saw; publish the stats to the host."""
-        self.trainer.step_async(*seen)
+    def _queue_training(self, seen: Optional[Pairs], own: Pairs, forward: Optional[BlockForward]) -> None:
+        """Queue the training step on the pairs the forward step saw (`seen`, default the rows'
+        own, whose Distiller forward the prediction has already run); publish the stats."""
+        if seen is None:
+            self.trainer.step_async(*own, forward=forward)
+        else:
+            self.trainer.step_async(*seen)
         self.mirror.publish()
 
     # -- observability -----------------------------------------------------------------------

@@ -9,7 +9,9 @@ exactly what it would be trained alone. The update is torch's fused AdamW (decou
 weight decay; 0 makes it Adam) with per-slot moments and step counts, applied to the step's
 distinct slots only: their parameters and moments are gathered, updated and written
 back, so an idle slot keeps its weights and moments bit for bit (no momentum drift, no
-decay), and one group's training never shows in another's.
+decay), and one group's training never shows in another's. Gradients come from the
+Distiller's written-out backward; a step that trains on the rows it has just predicted
+starts from that prediction's forward instead of running its own.
 
 On CUDA the step runs on a side stream: the decode stream records an event after the
 inputs are ready, the side stream waits for it, and the next prediction waits for the
@@ -23,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch.optim.adamw import adamw
 
-from .distiller import DistillerBank
+from .distiller import BlockForward, DistillerBank
 from .segments import SlotSegments
 
 ADAM_BETAS = (0.9, 0.999)
@@ -62,38 +64,38 @@ class DistillerTrainer:
         self.resets.index_add_(0, slots, torch.ones_like(slots))
 
     # -- the step -------------------------------------------------------------------
-    def loss_per_segment(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
-                         params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Loss [D] of each distinct slot's rows (rows without a slot count for nothing)."""
-        pred = self.bank.forward(x, segments, params)
-        row_mse = (pred - y.to(self.bank.dtype)).square().mean(-1)
-        weight = (segments.slots >= 0).to(self.bank.dtype) / segments.counts[segments.segment]
-        out = torch.zeros(segments.num_distinct, device=x.device, dtype=self.bank.dtype)
-        return out.index_add_(0, segments.segment, row_mse * weight)
+    def loss_and_grad(self, y: torch.Tensor, segments: SlotSegments,
+                      forward: BlockForward) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [D] of each distinct slot's rows against their targets y [N, H], and its gradient
+        [D, P] with respect to that slot's parameters, from the forward over the same rows
+        (rows without a slot count for nothing)."""
+        error = forward.prediction - self.bank.blocks(y, segments)
+        # a slot's n rows weigh 1/n each, padding (the blocks' last row included) 0; mean over H
+        counts = segments.counts.unsqueeze(1)
+        real = torch.arange(segments.width + 1, device=counts.device) < counts
+        weight = real / (counts * y.shape[1]).to(error.dtype)  # [D, width + 1]
+        loss = (error.square().sum(-1) * weight).sum(1)
+        grad = self.bank.backward(forward, error * (2 * weight).unsqueeze(-1))
+        return loss, grad
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments) -> None:
-        """One optimizer step on the pairs (x_i, y_i), each in its row's slot."""
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
+             forward: Optional[BlockForward] = None) -> None:
+        """One optimizer step on the pairs (x_i, y_i), each in its row's slot. `forward`: the
+        Distiller's forward over these rows with the current weights, when the step has just
+        run it to predict (run here otherwise)."""
         if segments.num_distinct == 0:
             return
-        # Engines may sample under torch.inference_mode (vLLM; SGLang with
-        # SGLANG_ENABLE_TORCH_INFERENCE_MODE=1), where enable_grad alone records nothing.
-        with torch.inference_mode(False), torch.enable_grad():
-            if any(t.is_inference() for t in (x, y, segments.slots)):
-                x, y, segments = x.clone(), y.clone(), segments.clone()
-            flat = self.bank.gather(segments)
-            # leaf views, one gradient each, so backward never builds a [D, P] gradient per view
-            params = {k: v.requires_grad_(True) for k, v in self.bank.views(flat).items()}
-            loss = self.loss_per_segment(x, y, segments, params)
-            grads = torch.autograd.grad(loss.sum(), list(params.values()))
-        grad = torch.cat([g.flatten(1) for g in grads], dim=1)  # [D, P], laid out as `flat`
+        if forward is None:
+            forward = self.bank.forward_blocks(self.bank.blocks(x, segments), self.bank.gather(segments))
+        loss, grad = self.loss_and_grad(y, segments, forward)
         # A slot whose loss or gradient is not finite (NaN/Inf in its hidden states, or a
         # diverged Distiller) skips the step and counts a fault; the others step as usual.
-        # One sum per slot catches any NaN/Inf element (they propagate), and a sum that
-        # overflows means a gradient whose square would have overflowed Adam's moment.
-        loss = loss.detach()
-        ok = torch.isfinite(loss) & torch.isfinite(grad.sum(1))
+        # One sum per slot catches any NaN/Inf element (they propagate); a finite loss and
+        # gradient whose sum still overflows are too large to step on anyway.
+        ok = torch.isfinite(loss + grad.sum(1))
         slots = segments.distinct
-        self._adamw(slots, flat, grad, ok)
+        self._adamw(slots, forward.flat, grad, ok)
         self.faults.index_add_(0, slots, (~ok).long())
         self.steps.index_add_(0, slots, ok.long())
         self.pairs.index_add_(0, slots, segments.counts * ok)
@@ -117,20 +119,26 @@ class DistillerTrainer:
             rows.index_copy_(0, target, new)
 
     # -- asynchronous use -------------------------------------------------------------
-    def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments) -> None:
-        """Queue a step behind the current stream's work; returns at once on CUDA.
+    def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
+                   forward: Optional[BlockForward] = None) -> None:
+        """Queue a step (see `step`) behind the current stream's work; returns at once on CUDA.
 
         The inputs are copied first, so the caller may overwrite its buffers right away.
         """
         if self.stream is None:
-            self.step(x, y, segments)
+            self.step(x, y, segments, forward)
             return
-        x, y = x.detach().clone(), y.detach().clone()
+        y = y.detach().clone()
+        if forward is None:
+            x = x.detach().clone()
+            held = (x, y, *segments.tensors)
+        else:  # x is not read again: the forward holds what the step needs of it
+            held = (y, *segments.tensors, *forward.tensors)
 
         def step() -> None:
-            for t in (x, y, *segments.tensors):
+            for t in held:
                 t.record_stream(self.stream)
-            self.step(x, y, segments)
+            self.step(x, y, segments, forward)
 
         self.run_async(step)
 

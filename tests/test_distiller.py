@@ -40,6 +40,47 @@ def test_forward_is_the_documented_formula():
         torch.testing.assert_close(out[i], expected)
 
 
+def test_the_written_out_backward_is_autograds_gradient_of_the_documented_loss():
+    trainer = make_trainer(4)
+    bank = trainer.bank
+    gen = torch.Generator().manual_seed(2)
+    for p in bank.params.values():
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x, y = torch.randn(7, H, dtype=torch.float64, generator=gen), torch.randn(7, H, dtype=torch.float64, generator=gen)
+    x[3] = float("nan")  # a row without a slot: it must not reach any slot's loss or gradient
+    slots = torch.tensor([2, 0, 2, -1, 3, 2, 0])  # groups of 3, 2 and 1 rows: padded blocks
+    segments = SlotSegments.of(slots)
+    _, forward = bank.predict(x, segments)  # training starts from the prediction's forward
+    loss, grad = trainer.loss_and_grad(y, segments, forward)
+
+    leaves = {k: v.clone().requires_grad_(True) for k, v in bank.views(bank.gather(segments)).items()}
+    expected_loss = []
+    for d, s in enumerate(segments.distinct.tolist()):
+        rows = slots == s
+        p = {k: v[d] for k, v in leaves.items()}
+        xs = x[rows]
+        delta = ((xs @ p["A"]) * F.silu(xs @ p["G"] + p["b"])) @ p["B"]
+        pred = F.layer_norm(xs + delta, (H,)) * p["gain"] + p["bias"]
+        expected_loss.append((pred - y[rows]).square().mean(-1).mean())
+    expected_loss = torch.stack(expected_loss)
+    expected_grad = torch.cat([g.flatten(1) for g in torch.autograd.grad(expected_loss.sum(), list(leaves.values()))], 1)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-13)
+
+
+def test_a_step_from_the_predictions_forward_equals_a_step_that_runs_its_own():
+    own, reused = make_trainer(3, dtype=torch.float32), make_trainer(3, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(3):
+        x, y = torch.randn(6, H, generator=gen), torch.randn(6, H, generator=gen)
+        segments = SlotSegments.of([step % 3, 1, -1, 1, step % 3, 1])
+        own.step(x, y, segments)
+        _, forward = reused.bank.predict(x, segments)
+        reused.step(x.fill_(float("nan")), y, segments, forward)  # x itself is not read again
+    assert torch.equal(own.bank.rows, reused.bank.rows)
+    assert torch.equal(own.exp_avg_sq_rows, reused.exp_avg_sq_rows) and torch.equal(own.steps, reused.steps)
+
+
 def test_one_batched_step_over_k_groups_equals_k_independent_steps():
     k, steps = 4, 3
     batched = make_trainer(k)
