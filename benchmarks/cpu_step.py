@@ -1,6 +1,6 @@
 """CPU cost of the pytorch backend's ESamp work per decode step: float32 tensors of SmolLM2-135M's shapes.
 
-    python benchmarks/cpu_step.py [--rows 32] [--rounds 5]
+    python benchmarks/cpu_step.py [--rows 32] [--rounds 5] [--host-bound]
 
 On the CPU the ESamp rows go through `ESampSampler.fuse` inside SGLang's own joint draw
 (patches/sampler_backend.py): SGLang's filter (a sort of the full vocabulary) is paid by
@@ -45,14 +45,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32, help="rows per step, in groups of 8")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--host-bound", action="store_true",
+                   help="tiny tensors (V 1000, H 64, rank 8) on one thread: what is left is the cost of "
+                        "dispatching each op, a proxy for the eager step's host time on a GPU")
     args = p.parse_args()
     torch.manual_seed(0)
     n = args.rows
-    sampler = ESampSampler(ESampConfig(num_slots=64), torch.randn(VOCAB, HIDDEN) / HIDDEN**0.5)
+    vocab, hidden, config = VOCAB, HIDDEN, ESampConfig(num_slots=64)
+    if args.host_bound:
+        vocab, hidden, config = 1000, 64, ESampConfig(num_slots=64, rank=8)
+        torch.set_num_threads(1)
+    sampler = ESampSampler(config, torch.randn(vocab, hidden) / hidden**0.5)
     segments = SlotSegments.of(sampler.assign_slots([(f"group{i // 8}", f"member{i}") for i in range(n)]))
-    logits = torch.randn(n, VOCAB) * 3
+    logits = torch.randn(n, vocab) * 3
     probs = torch.softmax(logits, -1)
-    shallow, deep = torch.randn(n, HIDDEN), torch.randn(n, HIDDEN)
+    shallow, deep = torch.randn(n, hidden), torch.randn(n, hidden)
     temps, top_ps, min_ps, betas = torch.ones(n), torch.full((n,), 0.95), torch.zeros(n), torch.full((n,), 0.1)
     top_ks = torch.full((n,), 1 << 30, dtype=torch.int32)
     kept_all = filter_probs(probs, top_ks, torch.ones(n), min_ps, 0)
@@ -74,8 +81,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for arm, fn in arms.items():
             times[arm].append(ms_per_call(fn))
-    print(f"{n} rows, V={VOCAB}, H={HIDDEN}, K={K}; top-p kept pairs: {int((top_p.weights > 0).sum())} of {n * K}; "
-          f"ms per step, median of {args.rounds} rounds:")
+    print(f"{n} rows, V={vocab}, H={hidden}, rank {config.rank}, K={K}; "
+          f"top-p kept pairs: {int((top_p.weights > 0).sum())} of {n * K}; ms per step, median of {args.rounds} rounds:")
     for arm, values in times.items():
         print(f"  {arm:28s} {statistics.median(values):7.2f}")
 
