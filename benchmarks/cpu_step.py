@@ -13,8 +13,9 @@ each round (medians over rounds), ms per step:
                       "all 256 kept" (the worst case) and "top-p kept", per-row counts drawn
                       from what SmolLM2 keeps at temperature 1, top-p 0.95 (measured on its
                       own samples: median 37 of the vocabulary, a fifth of rows 256 or more)
+  slots and layout    the host's part: slot assignment, the layout and its packed copy, taps
   head logits         candidate_head_logits alone, for both kept sets
-  train step          DistillerTrainer.step alone
+  train step          DistillerTrainer.step alone (with its own Distiller forward)
 
 Timings, not a test: compare rows of one run only.
 """
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from sgl_esamp import Candidates, ESampConfig, ESampSampler, SlotSegments, filter_probs
+from sgl_esamp import Candidates, ESampConfig, ESampSampler, ESampStep, filter_probs
 from sgl_esamp.fusion import candidate_head_logits
 
 VOCAB, HIDDEN, K = 49152, 576, 256
@@ -56,7 +57,7 @@ def main() -> None:
         vocab, hidden, config = 1000, 64, ESampConfig(num_slots=64, rank=8)
         torch.set_num_threads(1)
     sampler = ESampSampler(config, torch.randn(vocab, hidden) / hidden**0.5)
-    segments = SlotSegments.of(sampler.assign_slots([(f"group{i // 8}", f"member{i}") for i in range(n)]))
+    rows = [(f"group{i // 8}", f"member{i}") for i in range(n)]
     logits = torch.randn(n, vocab) * 3
     probs = torch.softmax(logits, -1)
     shallow, deep = torch.randn(n, hidden), torch.randn(n, hidden)
@@ -66,16 +67,24 @@ def main() -> None:
     top = Candidates(kept_all.weights[:, :K], kept_all.token_ids[:, :K])
     counts = torch.distributions.LogNormal(3.6, 1.6).sample((n,)).long().clamp(1, K)  # median ~37
     top_p = Candidates(torch.where(torch.arange(K) < counts.view(-1, 1), top.weights, 0.0), top.token_ids)
-    prediction = sampler.distillers.forward(shallow, segments)
+    def step() -> ESampStep:
+        """A decode step's rows, laid out as the backend lays them out (after the slots' first step)."""
+        return ESampStep.tapped(sampler.decode_layout(sampler.assign_slots(rows), betas.tolist()), shallow, deep)
+
+    z_top, z_top_p = logits.gather(1, top.token_ids), logits.gather(1, top_p.token_ids)
+    sampler.fuse(step(), top, z_top, temps)  # the groups' first step resets their slots
+    later = step()  # a later step's layout (no slot fresh): the same for every timed step
+    prediction = sampler.distillers.predict(shallow, later.layout)
     arms = {
         "stock filter+draw": lambda: torch.multinomial(filter_probs(probs, top_ks, top_ps, min_ps, 0).weights, 1),
-        "esamp fuse, all 256 kept": lambda: sampler.fuse(top, logits, shallow, deep, segments, betas, temps),
-        "esamp fuse, top-p kept": lambda: sampler.fuse(top_p, logits, shallow, deep, segments, betas, temps),
+        "esamp fuse, all 256 kept": lambda: sampler.fuse(later, top, z_top, temps),
+        "esamp fuse, top-p kept": lambda: sampler.fuse(later, top_p, z_top_p, temps),
+        "slots and layout (host)": step,
         "head logits, all 256 kept": lambda: candidate_head_logits(
             sampler.lm_head_weight, top.token_ids, prediction, top.weights > 0),
         "head logits, top-p kept": lambda: candidate_head_logits(
             sampler.lm_head_weight, top_p.token_ids, prediction, top_p.weights > 0),
-        "train step": lambda: sampler.trainer.step(shallow, deep, segments),
+        "train step": lambda: sampler.trainer.step(later, sampler.distillers.forward(later.shallow, later.layout)),
     }
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(args.rounds):

@@ -23,7 +23,7 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sgl_esamp import LATENT, ESampConfig, ESampSampler, SlotSegments, filter_candidates
+from sgl_esamp import LATENT, ESampConfig, ESampSampler, ESampStep, PairRow, filter_candidates
 from sgl_esamp.tools.default_model import materialize_smollm2
 
 PROMPTS = {
@@ -41,7 +41,7 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
     last_mlp = tuple(m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     esamp = ESampSampler(cfg, head, variant=LATENT, target_norm_weight=model.model.norm.weight.detach().float(),
                          last_mlp=last_mlp)
-    slot_t = SlotSegments.of(esamp.assign_slots([("g", i) for i in range(n)]))
+    rows = [("g", i) for i in range(n)]
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.repeat(n, 1)
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +49,8 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
     if prompt_train:  # steps on the prompt's own (x, y) pairs before the first token
         x, y = out.hidden_states[layer + 1][0].float(), out.hidden_states[-1][0].float()
         for _ in range(prompt_train):
-            esamp.trainer.step(x, y, SlotSegments.of([0] * len(x)))
+            slot = esamp.assign_slots(rows[:1])[0]
+            esamp.learn(ESampStep.tapped(esamp.layout([PairRow(i, slot, True) for i in range(len(x))]), x, y))
     past = out.past_key_values
     rows = {k: [] for k in ("rel_mse", "corr", "kl", "flip")}
     temps = torch.full((n,), temperature)
@@ -57,10 +58,10 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
         x = out.hidden_states[layer + 1][:, -1].float()
         y = out.hidden_states[-1][:, -1].float()
         z = out.logits[:, -1].float()
-        with torch.no_grad():
-            pred = esamp.distillers.forward(x, slot_t)
+        step = ESampStep.tapped(esamp.decode_layout(esamp.assign_slots(rows), [beta] * n), x, y)
+        pred = esamp.distillers.predict(step.shallow, step.layout)[torch.argsort(step.layout.sources)]
         cand = filter_candidates(z, temps, torch.full((n,), 1 << 30), torch.full((n,), top_p), torch.full((n,), min_p), cfg.max_candidates)
-        fused = esamp.fuse(cand, z, x, y, slot_t, torch.full((n,), beta), temps)  # also queues the train step
+        fused = esamp.fuse(step, cand, z.gather(1, cand.token_ids), temps)  # also queues the train step
         kept = cand.weights > 0
         zc = z.gather(1, cand.token_ids)
         dc = head[cand.token_ids].matmul(pred.unsqueeze(-1)).squeeze(-1)

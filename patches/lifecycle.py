@@ -1,5 +1,5 @@
-"""Request lifecycle hooks: bind batches to the sampler, learn prefill-only batches,
-validate requests, release group members,
+"""Request lifecycle hooks: warm the sampler up at start, bind batches to it, learn
+prefill-only batches, validate requests and name their groups, release group members,
 report per-request stats in `meta_info["esamp"]` and bank stats in `/server_info`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import metrics, request_params
 from .sampler_backend import ESampBackend
-from .server_args import BACKEND
+from .server_args import BACKEND, esamp_config
 
 logger = logging.getLogger(__name__)
 META_KEY = "esamp"
@@ -27,7 +27,13 @@ def _server_is_esamp() -> bool:
     return get_exec().kernel.sampling_backend == BACKEND
 
 
-# -- scheduler process: the step being sampled ----------------------------------------------
+# -- scheduler process: start and the step being sampled ----------------------------------------
+def _warm_up(result, model_runner, *args, **kwargs):
+    if isinstance(getattr(model_runner, "sampler", None), ESampBackend):
+        model_runner.sampler.warm_up(model_runner)
+    return result
+
+
 def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **kwargs):
     sampler = model_runner.sampler
     if not isinstance(sampler, ESampBackend):
@@ -55,7 +61,10 @@ def _verify(_result, sampling_params, *args, **kwargs):
     request_params.validate(sampling_params.custom_params, _server_is_esamp())
     if _server_is_esamp() and sampling_params.top_k > 1:
         # Stamped once per prompt before n > 1 expansion: the n samples share one group.
-        sampling_params.custom_params = request_params.with_group(sampling_params.custom_params)
+        from sglang.srt.runtime_context import get_server_args
+
+        client_groups = esamp_config(get_server_args()).client_groups
+        sampling_params.custom_params = request_params.with_group(sampling_params.custom_params, client_groups)
 
 
 def _unwrap_meta(_result, _manager, meta_info, *args, **kwargs):
@@ -97,6 +106,7 @@ def _internal_state(result, *args, **kwargs):
 
 
 HOOKS = [
+    ("sglang.srt.model_executor.model_runner.ModelRunner.prewarm_sampling", _warm_up, HookType.AFTER),
     ("sglang.srt.model_executor.model_runner.ModelRunner.sample", _bind_batch, HookType.AROUND),
     ("sglang.srt.model_executor.model_runner.ModelRunner.forward", _learn_prefill_only, HookType.AFTER),
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _remember_reqs, HookType.AFTER),

@@ -1,14 +1,17 @@
 """Per-request ESamp settings, carried in SGLang's `custom_params`.
 
     {"custom_params": {"sampling": "esamp" | "plain", "beta": 0.7, "variant": "reference" | "latent",
-                       "group_id": "..."}}
+                       "group_id": "...", "prefill_pairs": 256}}
 
 On a server started with `--sampler esamp`, every sampled (temperature > 0) request
 uses ESamp unless it says `"sampling": "plain"`; `beta` and `variant` override the
 server's (each variant has its own bank of Distillers, so requests of different
-variants never share one, whatever their group id). Rows
-sharing a `group_id` share one Distiller; requests without one get a fresh id here,
-before `n > 1` expansion, so the n samples of one request form one group.
+variants never share one, whatever their group id); `prefill_pairs` overrides how many of
+the prompt's pairs the group learns. Rows sharing a `group_id` share one Distiller; requests
+without one get a fresh id here, before `n > 1` expansion, so the n samples of one request
+form one group. A group id is a capability: whoever knows it joins that group and trains its
+Distiller, so on a server started with `--esamp-client-groups off` client ids are ignored and
+every request gets a fresh one.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from sgl_esamp import check_beta, check_variant
+from sgl_esamp import check_beta, check_prefill_pairs, check_variant
 
 SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
+PREFILL_PAIRS_KEY = "prefill_pairs"
 # SGLang's router (sglang-router, `--policy manual`) sends requests with the same key to the
 # same server: ESamp clients put their group id here (patches/routing.py)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
@@ -34,6 +38,7 @@ class RequestESamp:
     beta: Optional[float]  # None: the server's beta
     variant: Optional[str]  # None: the server's variant
     group: Optional[str]
+    prefill_pairs: Optional[int]  # None: the server's
 
 
 def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
@@ -46,19 +51,23 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
         check_beta(params[BETA_KEY], field=f"custom_params.{BETA_KEY}")
     if VARIANT_KEY in params:
         check_variant(params[VARIANT_KEY], field=f"custom_params.{VARIANT_KEY}")
+    if PREFILL_PAIRS_KEY in params:
+        check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=f"custom_params.{PREFILL_PAIRS_KEY}")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
         raise ValueError(
             f"custom_params.{GROUP_KEY}={group!r} is invalid: allowed a string of 1 to {MAX_GROUP_ID_LEN} characters"
         )
-    if not server_is_esamp and (sampling == "esamp" or BETA_KEY in params or VARIANT_KEY in params):
+    if not server_is_esamp and (sampling == "esamp" or params.keys() & {BETA_KEY, VARIANT_KEY, PREFILL_PAIRS_KEY}):
         raise ValueError(f"custom_params.{SAMPLING_KEY}='esamp' needs an ESamp server: {START_HINT}")
 
 
-def with_group(custom_params: Optional[dict]) -> dict:
-    """A copy of custom_params with a group id (fresh unless the client gave one)."""
+def with_group(custom_params: Optional[dict], client_groups: bool = True) -> dict:
+    """A copy of custom_params with a group id: the client's, if it gave one and the server
+    lets clients name groups, else a fresh random one (as hard to guess as a session token)."""
     params = dict(custom_params or {})
-    params.setdefault(GROUP_KEY, uuid.uuid4().hex)
+    if not client_groups or GROUP_KEY not in params:
+        params[GROUP_KEY] = uuid.uuid4().hex
     return params
 
 
@@ -67,4 +76,5 @@ def resolve(custom_params: Optional[dict], sampled: bool) -> RequestESamp:
     params = custom_params or {}
     enabled = sampled and params.get(SAMPLING_KEY, "esamp") == "esamp"
     beta = params.get(BETA_KEY)
-    return RequestESamp(enabled, None if beta is None else float(beta), params.get(VARIANT_KEY), params.get(GROUP_KEY))
+    return RequestESamp(enabled, None if beta is None else float(beta), params.get(VARIANT_KEY), params.get(GROUP_KEY),
+                        params.get(PREFILL_PAIRS_KEY))

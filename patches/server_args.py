@@ -43,7 +43,10 @@ OPTIONS = {
     "--esamp-slots": ("num_slots", int, "concurrent request groups with their own Distiller (default 64)"),
     "--esamp-init": ("init", str, "Distiller initialisation: auto (the variant's own), normal, zero or svd (default auto)"),
     "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
-    "--esamp-cuda-graph": ("cuda_graph", _on_off, "on CUDA, replay decode steps as CUDA graphs: on or off (default off; not yet run on a GPU)"),
+    "--esamp-prefill-pairs": ("prefill_pairs", int, "most prompt pairs a group learns from a prefill, last tokens first; "
+                                                    "0 = decode steps only (default 256)"),
+    "--esamp-client-groups": ("client_groups", _on_off, "on: requests may name their group (custom_params.group_id, "
+                                                        "frontend forks); off: ignore client ids (default on)"),
 }
 
 

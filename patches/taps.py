@@ -12,7 +12,9 @@ layer id i, in layer order; FULL capture mode adds the final post-norm state. Fr
   final_normed              `last_hidden_states`
 
 The norms are the layers' own input_layernorm weights and epsilon. Llama/Qwen2-style
-layouts (`model.model.embed_tokens`, `.layers[i].input_layernorm`, `.norm`).
+layouts (`model.model.embed_tokens`, `.layers[i].input_layernorm`, `.norm`). Each tap is one
+gather (with its norm) out of SGLang's buffers (`tap_rows`: one Triton launch on a GPU), so
+SGLang may rewrite them right after the step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from sgl_esamp import ESampConfig, Variant, VocabShard, rms_norm
+from sgl_esamp import ESampConfig, Variant, VocabShard, ops_for, rms_norm
 from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, SOURCE_BLOCK_OUTPUT
 
 
@@ -44,8 +46,10 @@ class Taps:
                       FINAL_NORMED: (model.model.norm.weight, model.model.norm.variance_epsilon)}
         self.hidden_size = self.embedding.shape[1]
         ids = capture_layer_ids(config, num_layers)
+        self.width = len(ids) * self.hidden_size  # of SGLang's captured hidden_states
         self.columns = {SOURCE_BLOCK_OUTPUT: ids.index(config.resolve_source_layer(num_layers)),
                         LAST_LAYER_INPUT_NORMED: ids.index(num_layers - 2)}
+        self.ops = ops_for(self.embedding.device)
 
     def target_norm_weight(self, variant: Variant) -> torch.Tensor:
         """The weight of the norm that produced the variant's target (the zero/svd inits' LN gain)."""
@@ -57,15 +61,12 @@ class Taps:
         return tuple(self._tap(name, logits_output, input_ids, index) for name in (variant.source, variant.target))
 
     def _tap(self, name: str, logits_output: Any, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        norm = self.norms.get(name)
         if name == FINAL_NORMED:
-            return logits_output.last_hidden_states.index_select(0, index)
+            return self.ops.tap_rows(logits_output.last_hidden_states, index)
         if name == FIRST_LAYER_INPUT_NORMED:
-            ids = input_ids.index_select(0, index)
-            if self.embedding_shard is not None:
-                residual = self.embedding_shard.rows(self.embedding, ids)
-            else:
-                residual = self.embedding.index_select(0, ids)
-        else:
-            H, column = self.hidden_size, self.columns[name]
-            residual = logits_output.hidden_states[:, column * H : (column + 1) * H].index_select(0, index)
-        return rms_norm(residual, *self.norms[name]) if name in self.norms else residual
+            if self.embedding_shard is not None:  # a vocabulary-parallel table: rows from the shards, one sum
+                return rms_norm(self.embedding_shard.rows(self.embedding, input_ids.index_select(0, index)), *norm)
+            return self.ops.tap_rows(self.embedding, index, ids=input_ids, norm=norm)
+        H, column = self.hidden_size, self.columns[name]
+        return self.ops.tap_rows(logits_output.hidden_states, index, columns=(column * H, H), norm=norm)

@@ -1,52 +1,63 @@
 """Exploratory Sampling (ESamp): parallel samples that explore different ideas.
 
 Engine-agnostic core: the Distiller bank, its online trainer, SGLang-equivalent
-candidate filtering and logit fusion. It never imports sglang; the SGLang glue lives
-in the `patches` package.
+candidate filtering and logit fusion, and their Triton kernels. It never imports sglang;
+the SGLang glue lives in the `patches` package.
 """
 
 from .bank import GroupBank
 from .candidates import Candidates, filter_candidates, filter_probs
-from .config import ESampConfig, ESampConfigError, check_beta, check_variant
+from .config import ESampConfig, ESampConfigError, check_beta, check_prefill_pairs, check_variant
 from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
-from .fusion import DrawResult, Fused, fuse_candidates, fuse_candidates_torch, fused_draw, fused_draw_torch
-from .sampler import ESampSampler, Pairs, initial_weights
-from .segments import SlotSegments
+from .fusion import fuse_candidates_torch, fused_draw_torch
+from .layout import PairRow, SampledRow, StepLayout
+from .ops import TorchOps, TritonOps, kernels_for, ops_for
+from .sampler import ESampSampler, initial_weights
 from .sharding import VocabShard
-from .signal import SignalStats, summarize
+from .signal import summarize
+from .step import DrawInputs, DrawResult, ESampStep, Filters, Fused, Outcome, Sampled
 from .training import DistillerTrainer
-from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm
+from .variants import LATENT, REFERENCE, VARIANTS, Variant, rms_norm, tap_rows
 
 __all__ = [
     "Candidates",
     "DistillerBank",
     "DistillerTrainer",
+    "DrawInputs",
+    "DrawResult",
     "ESampConfig",
     "ESampConfigError",
-    "DrawResult",
     "ESampSampler",
+    "ESampStep",
+    "Filters",
     "Fused",
     "GroupBank",
     "LATENT",
-    "Pairs",
+    "Outcome",
+    "PairRow",
     "REFERENCE",
-    "SignalStats",
-    "SlotSegments",
+    "SampledRow",
+    "Sampled",
+    "StepLayout",
+    "TorchOps",
+    "TritonOps",
     "VARIANTS",
     "Variant",
     "VocabShard",
     "check_beta",
+    "check_prefill_pairs",
     "check_variant",
     "filter_candidates",
     "filter_probs",
-    "fuse_candidates",
     "fuse_candidates_torch",
-    "fused_draw",
     "fused_draw_torch",
     "initial_weights",
+    "kernels_for",
     "normal_init",
+    "ops_for",
     "rms_norm",
     "summarize",
     "svd_init",
+    "tap_rows",
     "zero_delta_init",
 ]

@@ -28,7 +28,6 @@ class GroupState:
     slot: int
     members: set = field(default_factory=set)
     last_step: int = -1
-    fault_resets: int = 0  # times its Distiller faulted and restarted from fresh weights
     evictions: int = 0  # times the group lost its slot (and its trained Distiller) before
 
 
@@ -102,13 +101,6 @@ class GroupBank:
             return False
         state.members.discard(member)
         return not state.members
-
-    def note_fault_reset(self, group: Hashable) -> None:
-        self.groups[group].fault_resets += 1
-
-    def fault_resets(self, group: Hashable) -> int:
-        state = self.groups.get(group)
-        return 0 if state is None else state.fault_resets
 
     def evictions(self, group: Hashable) -> int:
         state = self.groups.get(group)

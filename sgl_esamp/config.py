@@ -15,6 +15,7 @@ RANK_RANGE = (1, 1024)
 LR_RANGE = (0.0, 1.0)
 SLOTS_RANGE = (1, 4096)
 MAX_CANDIDATES_RANGE = (0, 1 << 20)
+PREFILL_PAIRS_RANGE = (0, 1 << 20)
 INITS = ("auto", "normal", "zero", "svd")
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -44,6 +45,11 @@ def check_variant(value: Any, field: str = "variant") -> Variant:
     if not isinstance(value, str) or value not in VARIANTS:
         raise ESampConfigError(field, value, f"one of {', '.join(VARIANTS)}")
     return VARIANTS[value]
+
+
+def check_prefill_pairs(value: Any, field: str = "prefill_pairs") -> int:
+    """Validate a prompt-learning budget; shared by the config and per-request overrides."""
+    return _check_int(field, value, *PREFILL_PAIRS_RANGE)
 
 
 def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
@@ -76,9 +82,12 @@ class ESampConfig:
     max_candidates:  fusion looks at most at this many most-probable tokens per row,
                      bounding the W_head gather; 0 means no bound (the whole kept set).
     seed:            seed of the Distiller's initial weights (shared by all slots).
-    cuda_graph:      on CUDA, replay decode steps as CUDA graphs (graphs.py): the host
-                     enqueues a few copies and two replays instead of ~200 torch ops.
-                     Off by default until benchmarks/gpu_check.py (f) has passed on a GPU.
+    prefill_pairs:   the most prompt pairs a group learns from one prefill, its last tokens
+                     first; 0 learns from decode steps only (as the authors' code does). It
+                     bounds the memory a prefill's learning step takes, whatever the prompt.
+    client_groups:   whether requests may name their group (`custom_params.group_id`, and
+                     the frontend's forks); off: only the n samples of one request share a
+                     Distiller (for servers shared by clients that do not trust each other).
     """
 
     variant: str = "latent"  # chosen on the dev split (docs/EVAL.md)
@@ -91,7 +100,8 @@ class ESampConfig:
     state_dtype: str = "float32"
     max_candidates: int = 256
     seed: int = 0
-    cuda_graph: bool = False  # not yet run on a GPU (benchmarks/RESULTS.md)
+    prefill_pairs: int = 256
+    client_groups: bool = True
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
@@ -108,8 +118,9 @@ class ESampConfig:
             raise ESampConfigError("state_dtype", self.state_dtype, f"one of {', '.join(STATE_DTYPES)}")
         _check_int("max_candidates", self.max_candidates, *MAX_CANDIDATES_RANGE)
         _check_int("seed", self.seed, 0, 2**63 - 1)
-        if not isinstance(self.cuda_graph, bool):
-            raise ESampConfigError("cuda_graph", self.cuda_graph, "true or false")
+        check_prefill_pairs(self.prefill_pairs)
+        if not isinstance(self.client_groups, bool):
+            raise ESampConfigError("client_groups", self.client_groups, "true or false")
 
     def init_for(self, variant: Variant) -> str:
         """The Distiller initialisation a group of `variant` starts from."""

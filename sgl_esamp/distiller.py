@@ -6,20 +6,20 @@ these are is the variant's choice, see variants.py):
     ŷ = LN_s( x + ((x A_s) ⊙ SiLU(x G_s + b_s)) B_s )
 
 with A_s, G_s ∈ R^{H×r}, b_s ∈ R^r, B_s ∈ R^{r×H}, and LN_s a LayerNorm whose gain
-and bias are per slot too. Every slot's parameters live in one tensor stacked over slots
-(dim 0): A, G [S, H, r], b [S, r], B [S, r, H], gain and bias [S, H].
+and bias are per slot too. All of a slot's parameters are one row of a flat [S + 1, P]
+tensor (A, G, b, B, gain, bias, row-major; the spare last row takes writes that must land
+nowhere), so gathering, resetting and the optimizer are one operation each.
 
-A step touches only the slots that have rows in it. The host groups the rows by slot
-(segments.py); their parameters are gathered ([D, ...] for D distinct slots), the rows
-are scattered into a [D, width, H] block, and three batched GEMMs (bmm) compute every
-group's Distiller at once: the cost is that of the rows themselves (plus padding to
-the largest group), whatever the number of slots S, forward and backward, and
-gradients exist only for the gathered slots.
+A step touches only the slots that have rows in it (layout.py). This module is the torch
+path, the one the CPU runs: the step's distinct slots' parameters are gathered (a slot
+reassigned this step reads the initial weights instead, so a reset costs no extra work),
+the rows are scattered into a [D, width, H] block, and three batched GEMMs compute every
+group's Distiller at once. kernels/distiller.py does the same on a GPU without the
+gather or the blocks; tests hold the two to each other.
 
 The backward is written out (`DistillerBank.backward`) rather than left to autograd: it is
 a dozen ops on the forward's saved activations, where autograd would record a graph node
-per op and, on CUDA, hand the backward to its own thread. The eager step is host-bound
-on a GPU, so every dispatch counts; tests hold it to autograd's gradients.
+per op and, on CUDA, hand the backward to its own thread; tests hold it to autograd's.
 """
 
 from __future__ import annotations
@@ -31,19 +31,19 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .segments import SlotSegments
+from .layout import StepLayout
 
 LN_EPS = 1e-5
 
 
 class BlockForward(NamedTuple):
-    """A forward over blocks [D, W, H] of rows (segment d with slot distinct[d]'s parameters):
-    the prediction, the parameters it used and the activations the backward needs. Training
-    on the rows a step has just predicted starts from it instead of running its own forward."""
+    """The torch forward over blocks [D, W, H] of a step's pair rows (segment d with slot
+    distinct[d]'s parameters): the prediction, the parameters it used and the activations the
+    backward needs. Training on the rows a step has just predicted starts from it."""
 
-    flat: torch.Tensor  # [D, P] the gathered parameters
+    flat: torch.Tensor  # [D, P] the parameters used (the initial weights for fresh slots)
     params: dict[str, torch.Tensor]  # views of flat by name
-    x: torch.Tensor  # [D, W, H] the rows
+    x: torch.Tensor  # [D, W, H] the rows, zero past each segment's
     up: torch.Tensor  # [D, W, r] x A
     gate: torch.Tensor  # [D, W, r] x G + b
     gate_act: torch.Tensor  # [D, W, r] SiLU(gate)
@@ -53,6 +53,10 @@ class BlockForward(NamedTuple):
     rstd: torch.Tensor  # [D, W, 1]
     normed: torch.Tensor  # [D, W, H] LN(u) before gain and bias
     prediction: torch.Tensor  # [D, W, H] ŷ
+
+    def rows(self, layout: StepLayout, pairs: torch.Tensor) -> torch.Tensor:
+        """ŷ [len(pairs), H] of the given pair rows."""
+        return self.prediction[layout.segment[pairs], layout.position[pairs]]
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -163,11 +167,7 @@ def svd_init(
 
 
 class DistillerBank:
-    """Parameters of S Distillers stacked over slots (dim 0), with a per-slot batched forward.
-
-    All of a slot's parameters are one row of a flat [S, P] tensor, and `params` are views
-    of it by name; gathering, resetting and the optimizer then each take one operation for
-    all parameters, which keeps the host's work per step small."""
+    """Parameters of S Distillers as rows of one flat [S + 1, P] tensor, with a per-slot batched forward."""
 
     def __init__(self, init: DistillerInit, num_slots: int, device: torch.device | str, dtype: torch.dtype):
         self.hidden_size, self.rank = init.A.shape
@@ -176,13 +176,16 @@ class DistillerBank:
         self.dtype = dtype
         self.init = DistillerInit(**{k: v.to(self.device, dtype) for k, v in vars(init).items()})
         self.shapes = {name: tuple(start.shape) for name, start in vars(self.init).items()}
-        self.init_flat = torch.cat([start.flatten() for start in vars(self.init).values()])
-        # One spare row past the last slot takes the writes that must land nowhere (a slot
-        # skipping its step), so a write-back keeps one shape and never asks the device
-        # which slots those are. Nothing reads it.
+        self.init_flat = torch.cat([start.flatten() for start in vars(self.init).values()])  # [P]
+        # One spare row past the last slot takes the writes that must land nowhere, so a
+        # write-back keeps one shape and never asks the device which rows those are.
         self.rows = self.init_flat.unsqueeze(0).repeat(num_slots + 1, 1)  # [S + 1, P]
         self.flat = self.rows[:num_slots]  # [S, P]
         self.params: dict[str, torch.Tensor] = self.views(self.flat)
+
+    @property
+    def num_params(self) -> int:
+        return self.init_flat.numel()
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views [rows, ...] of a flat [rows, P] tensor laid out as `flat`."""
@@ -190,41 +193,28 @@ class DistillerBank:
         return {name: part.view(flat.shape[0], *shape)
                 for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
 
-    def reset_slots(self, slots: torch.Tensor) -> None:
-        """Return the given slots' parameters to the initial weights (device-side, no sync)."""
-        self.flat.index_copy_(0, slots, self.init_flat.expand(slots.numel(), -1))
-
     def slot_params(self, slot: int) -> dict[str, torch.Tensor]:
         """One slot's parameters (views), for inspection and tests."""
         return {k: p[slot] for k, p in self.params.items()}
 
-    def gather(self, segments: SlotSegments) -> torch.Tensor:
-        """The flat parameters [D, P] of the step's distinct slots (`views` names them)."""
-        return self.flat.index_select(0, segments.distinct)
+    def gather(self, layout: StepLayout) -> torch.Tensor:
+        """The flat parameters [D, P] the step's segments use: their slot's, or the initial
+        weights for a slot (re)assigned this step."""
+        return torch.where(layout.fresh.bool().unsqueeze(1), self.init_flat, self.flat.index_select(0, layout.distinct))
 
-    def blocks(self, x: torch.Tensor, segments: SlotSegments) -> torch.Tensor:
-        """Rows x [N, H] laid out by segment: [D, width + 1, H], zero past each segment's rows.
-        Rows without a slot are parked in the last row, which is then cleared: whatever they
-        hold (NaN included) must not reach the batched GEMMs' sums over rows."""
+    def blocks(self, x: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+        """Pair rows x [M, H] laid out by segment: [D, width, H], zero past each segment's rows."""
         x = x.to(self.dtype)
-        block = x.new_zeros(segments.num_distinct, segments.width + 1, x.shape[1])
-        block.index_put_((segments.segment, segments.position), x)
-        block[:, -1].zero_()
-        return block
+        block = x.new_zeros(layout.num_distinct, layout.width, x.shape[1])
+        return block.index_put_((layout.segment, layout.position), x)
 
-    def predict(self, x: torch.Tensor, segments: SlotSegments) -> tuple[torch.Tensor, Optional[BlockForward]]:
-        """ŷ [N, H] for each row of x [N, H] by the Distiller of its slot, and the forward that
-        computed it (None when no row has a slot). Rows without a slot get an arbitrary
-        prediction that the caller must ignore (keeping the shapes the host laid out,
-        instead of filtering on the device)."""
-        if segments.num_distinct == 0:
-            return torch.zeros(x.shape, device=x.device, dtype=self.dtype), None
-        forward = self.forward_blocks(self.blocks(x, segments), self.gather(segments))
-        return forward.prediction[segments.segment, segments.position], forward
+    def forward(self, x: torch.Tensor, layout: StepLayout) -> BlockForward:
+        """Every pair row x [M, H] through its segment's Distiller."""
+        return self.forward_blocks(self.blocks(x, layout), self.gather(layout))
 
-    def forward(self, x: torch.Tensor, segments: SlotSegments) -> torch.Tensor:
-        """ŷ [N, H] for each row of x [N, H] (see `predict`)."""
-        return self.predict(x, segments)[0]
+    def predict(self, x: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+        """ŷ [M, H] of every pair row (tests and inspection; a step keeps the whole forward)."""
+        return self.forward(x, layout).rows(layout, torch.arange(layout.num_rows, device=x.device))
 
     def forward_blocks(self, x: torch.Tensor, flat: torch.Tensor) -> BlockForward:
         """The Distiller over blocks of rows x [D, W, H], segment d with the parameters flat[d]."""

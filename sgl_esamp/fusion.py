@@ -17,24 +17,19 @@ rows of W_head for candidate ids are read: never a full-vocabulary product.
 
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from .candidates import Candidates, filter_sorted_, greedy_as_top1, greedy_rows, sampling_temperatures
 from .sharding import VocabShard
+from .signal import row_signal
+from .step import DrawInputs, DrawResult, Fused, Sampled
 
 # Elements of one [pairs, H] gather of the torch path: cache-sized on the CPU (large temporaries
 # cost fresh pages every step), large elsewhere (few launches).
 CPU_GATHER_CHUNK_ELEMENTS = 1 << 18
 GATHER_CHUNK_ELEMENTS = 1 << 24
-MAX_DRAW_K = 1024  # the fused draw kernel holds a row's K ranks in one block
-
-
-class Fused(NamedTuple):
-    weights: torch.Tensor  # [N, K] unnormalised fused weights over the candidates' ranks, 0 off the kept set
-    head_logits: torch.Tensor  # [N, K] d = W_head[c] · ŷ (fp32) on the kept set, 0 elsewhere; for the signal
 
 
 def shift_scale(temperatures: torch.Tensor, d_over_temperature: bool) -> torch.Tensor:
@@ -61,8 +56,8 @@ def candidate_head_logits(
     rank computes the products of the candidates it holds (0 for the others) and the sum over
     the ranks gives d everywhere."""
     N, K = token_ids.shape
-    # ŷ is rounded to the head's dtype (as the kernel reads it); products accumulate in fp32.
-    pred = prediction.to(lm_head_weight.dtype).float()
+    # ŷ stays fp32 and the head's rows are read in fp32, as the kernels read them.
+    pred = prediction.float()
     rows, ranks = kept.nonzero(as_tuple=True) if kept.device.type == "cpu" else all_pairs(N, K, kept.device)
     ids = token_ids[rows, ranks]
     mine = None
@@ -113,14 +108,6 @@ def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.where(kept, weights * torch.exp(shift), 0.0)
 
 
-class DrawResult(NamedTuple):
-    tokens: torch.Tensor  # [N] int64 drawn vocabulary ids
-    weights: torch.Tensor  # [N, K] fp32 unnormalised weights drawn from, 0 off the kept set
-    head_logits: torch.Tensor  # [N, K] fp32 d = W_head[id] · ŷ on the kept set, 0 elsewhere
-    kept_probs: torch.Tensor  # [N, K] fp32 the plain kept probabilities p, 0 off the kept set
-    faults: torch.Tensor  # [N] bool: fused weights unusable (NaN/Inf/none positive), drawn from p instead
-
-
 def usable_or_plain(fused: torch.Tensor, plain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, faults): rows whose fused weights are unusable (NaN/Inf, or none positive:
     a faulty Distiller) fall back to their plain kept weights, and are flagged."""
@@ -129,92 +116,37 @@ def usable_or_plain(fused: torch.Tensor, plain: torch.Tensor) -> tuple[torch.Ten
 
 
 def fused_draw_torch(
-    probs_sorted: torch.Tensor,
-    token_ids: torch.Tensor,
-    z: torch.Tensor,
-    prediction: torch.Tensor,
+    inputs: DrawInputs,
+    sampled: Sampled,
     lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    min_ps: torch.Tensor,
-    generator: torch.Generator | None = None,
+    *,
     d_over_temperature: bool = True,
+    generator: Optional[torch.Generator] = None,
     vocab_shard: Optional[VocabShard] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> DrawResult:
-    """Keep, fuse and draw on the K most probable tokens (probs_sorted [N, K]: SGLang's own
-    softmax(z / T), sorted descending, unfiltered; z [N, K]: the logits at token_ids). Every
-    input is [N, K] or [N, H], never the full logits. Reference of kernels.draw.fused_draw_triton."""
-    greedy = greedy_rows(temperatures)
-    _, top_ks = greedy_as_top1(temperatures, top_ks)
-    candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, top_ps, min_ps), token_ids)
-    fused, d = fuse_candidates_torch(
-        candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature, vocab_shard
-    )
+    """Keep, fuse and draw on the K most probable tokens of each sampled row, and measure the
+    signal; every input is [n, K], [n, H] or a row of the batch, never a full-vocabulary product.
+    `out`: the batch's token ids, whose sampled rows are overwritten. Reference of
+    kernels.draw.fused_draw_triton."""
+    probs_sorted, token_ids, logits, filters = inputs
+    filters = filters.rows(sampled.batch_rows)
+    z = logits.gather(1, token_ids)
+    prediction, target = sampled.prediction[sampled.pairs], sampled.target[sampled.pairs]
+    greedy = greedy_rows(filters.temperatures)
+    _, top_ks = greedy_as_top1(filters.temperatures, filters.top_ks)
+    candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, filters.top_ps, filters.min_ps),
+                            token_ids)
+    fused, d = fuse_candidates_torch(candidates, z, prediction, lm_head_weight, sampled.betas, filters.temperatures,
+                                     d_over_temperature, vocab_shard)
     weights, faults = usable_or_plain(fused, candidates.weights)
     # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
     # row keeps multinomial's consumption of the generator the same for every row.
     one_hot = torch.zeros_like(weights)
     one_hot[:, 0] = 1.0
     rank = torch.multinomial(torch.where(greedy.view(-1, 1), one_hot, weights), 1, generator=generator)
-    return DrawResult(token_ids.gather(1, rank).view(-1), weights, d, candidates.weights, faults)
-
-
-def fusion_backend(device: torch.device) -> str:
-    """The fusion backend: "triton" on CUDA (or when ESAMP_FUSION=triton), else "torch"."""
-    choice = os.environ.get("ESAMP_FUSION", "auto")
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"ESAMP_FUSION={choice!r} is invalid: allowed auto, torch, triton")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return choice
-
-
-def fuse_candidates(
-    candidates: Candidates,
-    z: torch.Tensor,
-    prediction: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    d_over_temperature: bool = True,
-    vocab_shard: Optional[VocabShard] = None,
-) -> Fused:
-    """Fused weights over candidates, by the backend `fusion_backend` picks (torch for a
-    vocabulary-sharded head: the sum over ranks sits between the products and the fusion)."""
-    args = (candidates, z, prediction, lm_head_weight, betas, temperatures, d_over_temperature)
-    if vocab_shard is not None:
-        return fuse_candidates_torch(*args, vocab_shard)
-    if fusion_backend(z.device) == "triton":
-        from .kernels.fusion import fuse_candidates_triton  # lazy: triton is heavy to import
-
-        return fuse_candidates_triton(*args)
-    return fuse_candidates_torch(*args)
-
-
-def fused_draw(
-    probs_sorted: torch.Tensor,
-    token_ids: torch.Tensor,
-    z: torch.Tensor,
-    prediction: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    min_ps: torch.Tensor,
-    d_over_temperature: bool,
-    generator: torch.Generator,
-    philox: torch.Tensor,
-    vocab_shard: Optional[VocabShard] = None,
-) -> DrawResult:
-    """One fused keep-fuse-draw by the backend `fusion_backend` picks: the Triton kernel draws
-    with Philox (philox = [seed, offset] on the device), the torch reference with `generator`
-    (always, for a vocabulary-sharded head)."""
-    args = (probs_sorted, token_ids, z, prediction, lm_head_weight, betas, temperatures, top_ks, top_ps, min_ps)
-    if vocab_shard is None and fusion_backend(z.device) == "triton" and probs_sorted.shape[1] <= MAX_DRAW_K:
-        from .kernels.draw import fused_draw_triton  # lazy: triton is heavy to import
-
-        return fused_draw_triton(*args, philox, d_over_temperature=d_over_temperature)
-    return fused_draw_torch(*args, generator=generator, d_over_temperature=d_over_temperature, vocab_shard=vocab_shard)
+    tokens = token_ids.gather(1, rank).view(-1)
+    if out is not None:
+        out.index_copy_(0, sampled.batch_rows, tokens.to(out.dtype))
+    signal = row_signal(prediction, target, candidates.weights, weights, z, d)
+    return DrawResult(tokens, weights, d, candidates.weights, faults, signal)

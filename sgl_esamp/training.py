@@ -1,21 +1,26 @@
-"""Online training of the Distiller bank: one AdamW step per decode step, per slot.
+"""Online training of the Distiller bank: one AdamW step per forward step, per slot.
 
-Loss of a step (rows i with slot s_i ≥ 0, n_s rows in slot s):
+Loss of a step (learnt pair rows i, n_s of them in slot s):
 
-    L = Σ_s (1/n_s) Σ_{i: s_i = s} mean_h (ŷ_i - y_i)²
+    L = Σ_s (1/n_s) Σ_{i in s} mean_h (ŷ_i - y_i)²
 
 Per-row MSE averaged within a slot and summed over slots, so every slot's gradient is
-exactly what it would be trained alone. The update is torch's fused AdamW (decoupled
-weight decay; 0 makes it Adam) with per-slot moments and step counts, applied to the step's
-distinct slots only: their parameters and moments are gathered, updated and written
-back, so an idle slot keeps its weights and moments bit for bit (no momentum drift, no
-decay), and one group's training never shows in another's. Gradients come from the
-Distiller's written-out backward; a step that trains on the rows it has just predicted
-starts from that prediction's forward instead of running its own.
+exactly what it would be trained alone. The update is AdamW (decoupled weight decay; 0
+makes it Adam) with per-slot moments and step counts, applied to the step's distinct
+slots only, so an idle slot keeps its weights and moments bit for bit, and one group's
+training never shows in another's. Gradients come from the Distiller's written-out
+backward, starting from the forward that made the step's prediction.
 
-On CUDA the step runs on a side stream: the decode stream records an event after the
-inputs are ready, the side stream waits for it, and the next prediction waits for the
-step's done event. Neither side ever blocks the host.
+Resets are decided here, on the device, by the same code on every tensor-parallel rank: a
+slot handed to a new group this step starts from the initial weights (its forward already
+read them); a slot whose step faults (a non-finite loss, gradient or fused row) skips the
+step and restarts from the initial weights at once. Then the slot statistics (stats.py)
+take the step's counts and novelty signal. This module is the torch path (the CPU's);
+kernels/training.py does the same in a handful of launches.
+
+On CUDA the step runs on a side stream: it waits for the decode stream's work so far, the
+host mirror's copy of the statistics is queued behind it, and the next step's prediction
+waits for both (an event, never the host).
 """
 
 from __future__ import annotations
@@ -25,132 +30,118 @@ from typing import Callable, Optional
 import torch
 from torch.optim.adamw import adamw
 
+from . import stats as S
 from .distiller import BlockForward, DistillerBank
-from .segments import SlotSegments
+from .layout import StepLayout
+from .signal import slot_sums
+from .step import ESampStep, Outcome
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
 class DistillerTrainer:
-    """Per-slot AdamW over a DistillerBank, plus per-slot training statistics."""
+    """Per-slot AdamW over a DistillerBank, its optimizer state and the per-slot statistics."""
 
     def __init__(self, bank: DistillerBank, lr: float, weight_decay: float = 0.0):
         self.bank = bank
         self.lr = lr
         self.weight_decay = weight_decay
-        S, dev = bank.num_slots, bank.device
+        num_slots, device = bank.num_slots, bank.device
         self.exp_avg_rows, self.exp_avg_sq_rows = torch.zeros_like(bank.rows), torch.zeros_like(bank.rows)
-        self.exp_avg_flat, self.exp_avg_sq_flat = self.exp_avg_rows[:S], self.exp_avg_sq_rows[:S]
-        self.exp_avg, self.exp_avg_sq = bank.views(self.exp_avg_flat), bank.views(self.exp_avg_sq_flat)
-        self.steps = torch.zeros(S, dtype=torch.int64, device=dev)
-        self.pairs = torch.zeros(S, dtype=torch.int64, device=dev)  # (x, y) pairs learnt, all steps
-        self.last_loss = torch.zeros(S, dtype=torch.float32, device=dev)
-        self.loss_sum = torch.zeros(S, dtype=torch.float64, device=dev)
-        self.faults = torch.zeros(S, dtype=torch.int64, device=dev)  # non-finite losses, gradients or fused rows
-        self.resets = torch.zeros(S, dtype=torch.int64, device=dev)  # times each slot was reset (its generation)
-        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.exp_avg, self.exp_avg_sq = (bank.views(m[:num_slots]) for m in (self.exp_avg_rows, self.exp_avg_sq_rows))
+        self.stats = S.new_stats(num_slots, device)
+        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.done: Optional[torch.cuda.Event] = None
 
-    # -- slot lifecycle -------------------------------------------------------------
-    def reset_slots(self, slots: torch.Tensor) -> None:
-        """Fresh parameters, optimizer state and statistics for reused slots."""
-        self.wait()
-        self.bank.reset_slots(slots)
-        for moment in (self.exp_avg_flat, self.exp_avg_sq_flat):
-            moment.index_fill_(0, slots, 0)
-        for stat in (self.steps, self.pairs, self.last_loss, self.loss_sum, self.faults):
-            stat.index_fill_(0, slots, 0)
-        self.resets.index_add_(0, slots, torch.ones_like(slots))
-
-    # -- the step -------------------------------------------------------------------
-    def loss_and_grad(self, y: torch.Tensor, segments: SlotSegments,
+    # -- the step (torch path) -------------------------------------------------------------
+    def loss_and_grad(self, deep: torch.Tensor, layout: StepLayout,
                       forward: BlockForward) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss [D] of each distinct slot's rows against their targets y [N, H], and its gradient
-        [D, P] with respect to that slot's parameters, from the forward over the same rows
-        (rows without a slot count for nothing)."""
-        error = forward.prediction - self.bank.blocks(y, segments)
-        # a slot's n rows weigh 1/n each, padding (the blocks' last row included) 0; mean over H
-        counts = segments.counts.unsqueeze(1)
-        real = torch.arange(segments.width + 1, device=counts.device) < counts
-        weight = real / (counts * y.shape[1]).to(error.dtype)  # [D, width + 1]
+        """Loss [D] of each segment's learnt rows against their targets deep [M, H], and its
+        gradient [D, P] with respect to that segment's parameters, from the forward over the rows."""
+        counts = layout.learn_counts.unsqueeze(1)
+        learnt = torch.arange(layout.width, device=counts.device) < counts  # [D, width]: a segment's first rows
+        error = torch.where(learnt.unsqueeze(-1), forward.prediction - self.bank.blocks(deep, layout), 0.0)
+        weight = learnt / (counts.clamp_min(1) * deep.shape[1]).to(error.dtype)  # 1/n per learnt row, mean over H
         loss = (error.square().sum(-1) * weight).sum(1)
-        grad = self.bank.backward(forward, error * (2 * weight).unsqueeze(-1))
-        return loss, grad
+        return loss, self.bank.backward(forward, error * (2 * weight).unsqueeze(-1))
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
-             forward: Optional[BlockForward] = None) -> None:
-        """One optimizer step on the pairs (x_i, y_i), each in its row's slot. `forward`: the
-        Distiller's forward over these rows with the current weights, when the step has just
-        run it to predict (run here otherwise)."""
-        if segments.num_distinct == 0:
+    def step(self, step: ESampStep, forward: BlockForward, outcome: Optional[Outcome] = None) -> None:
+        """One optimizer step for each of the step's slots on its learnt pair rows, from the
+        forward that predicted them; then resets and statistics. `outcome`: the step's draw,
+        when it sampled (its faults restart their slot too; its signal is recorded)."""
+        layout = step.layout
+        if layout.num_distinct == 0:
             return
-        if forward is None:
-            forward = self.bank.forward_blocks(self.bank.blocks(x, segments), self.bank.gather(segments))
-        loss, grad = self.loss_and_grad(y, segments, forward)
-        # A slot whose loss or gradient is not finite (NaN/Inf in its hidden states, or a
-        # diverged Distiller) skips the step and counts a fault; the others step as usual.
-        # One sum per slot catches any NaN/Inf element (they propagate); a finite loss and
-        # gradient whose sum still overflows are too large to step on anyway.
-        ok = torch.isfinite(loss + grad.sum(1))
-        slots = segments.distinct
-        self._adamw(slots, forward.flat, grad, ok)
-        self.faults.index_add_(0, slots, (~ok).long())
-        self.steps.index_add_(0, slots, ok.long())
-        self.pairs.index_add_(0, slots, segments.counts * ok)
-        self.last_loss.index_copy_(0, slots, torch.where(ok, loss, self.last_loss[slots].to(loss.dtype)).float())
-        self.loss_sum.index_add_(0, slots, torch.where(ok, loss, 0).double())
+        loss, grad = self.loss_and_grad(step.deep, layout, forward)
+        # A non-finite loss or gradient (NaN/Inf in the hidden states, or a diverged Distiller)
+        # shows in one sum per slot; a finite one whose sum overflows is too large to step on anyway.
+        fault = ~torch.isfinite(loss + grad.sum(1))
+        if outcome is not None:
+            fault |= self._per_segment(layout, outcome.faults.long()) > 0
+        update = (layout.learn_counts > 0) & ~fault
+        restart = layout.fresh.bool() | fault
+        steps = self._adamw(layout, forward.flat, grad, update, restart)
+        self._record(layout, steps, loss, update, fault, None if outcome is None else outcome.signal)
 
-    @torch.no_grad()
-    def _adamw(self, slots: torch.Tensor, param: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor) -> None:
-        """torch's fused AdamW (one kernel for all slots) on the flat parameters [D, P] gathered
-        for `slots` and their moments, written back; a slot that is not `ok` skips its step
-        whole: its updated rows are written to the spare row instead of its own."""
-        exp_avg = self.exp_avg_flat.index_select(0, slots)
-        exp_avg_sq = self.exp_avg_sq_flat.index_select(0, slots)
-        steps = self.steps.index_select(0, slots).float()  # before this step; adamw counts it
+    @staticmethod
+    def _per_segment(layout: StepLayout, values: torch.Tensor) -> torch.Tensor:
+        """Sum over each segment's sampled rows of values [n, ...]."""
+        out = values.new_zeros((layout.num_distinct, *values.shape[1:]))
+        return out.index_add_(0, layout.sampled_segments, values)
+
+    def _adamw(self, layout: StepLayout, param: torch.Tensor, grad: torch.Tensor, update: torch.Tensor,
+               restart: torch.Tensor) -> torch.Tensor:
+        """torch's fused AdamW (one kernel for all segments) from the parameters the forward used;
+        a restarting slot gets the initial weights and zero moments, and steps from there only if
+        `update`. Returns the slots' step counts before this step."""
+        slots, keep = layout.distinct, ~restart.unsqueeze(1)
+        param = torch.where(keep, param, self.bank.init_flat)
+        exp_avg = torch.where(keep, self.exp_avg_rows.index_select(0, slots), 0.0)
+        exp_avg_sq = torch.where(keep, self.exp_avg_sq_rows.index_select(0, slots), 0.0)
+        before = torch.where(restart, 0.0, self.stats[slots, S.STEPS])
+        new = [t.clone() for t in (param, exp_avg, exp_avg_sq)]
         b1, b2 = ADAM_BETAS
-        adamw(param.unbind(), grad.unbind(), exp_avg.unbind(), exp_avg_sq.unbind(), [], steps.unbind(),
+        adamw(new[0].unbind(), grad.unbind(), new[1].unbind(), new[2].unbind(), [], before.float().unbind(),
               fused=True, amsgrad=False, beta1=b1, beta2=b2, lr=self.lr, weight_decay=self.weight_decay,
               eps=ADAM_EPS, maximize=False)
-        target = torch.where(ok, slots, self.bank.num_slots)
-        for rows, new in ((self.exp_avg_rows, exp_avg), (self.exp_avg_sq_rows, exp_avg_sq), (self.bank.rows, param)):
-            rows.index_copy_(0, target, new)
+        stepped = update.unsqueeze(1)
+        for rows, old, stepped_value in zip((self.bank.rows, self.exp_avg_rows, self.exp_avg_sq_rows),
+                                            (param, exp_avg, exp_avg_sq), new):
+            rows.index_copy_(0, slots, torch.where(stepped, stepped_value, old))
+        return torch.where(layout.fresh.bool(), 0.0, self.stats[slots, S.STEPS])
+
+    def _record(self, layout: StepLayout, steps_before: torch.Tensor, loss: torch.Tensor, update: torch.Tensor,
+                fault: torch.Tensor, signal: Optional[torch.Tensor]) -> None:
+        """The step's counts and signal into its slots' statistics (a new group's row starts at 0)."""
+        slots, fresh = layout.distinct, layout.fresh.bool()
+        rows = torch.where(fresh.unsqueeze(1), 0.0, self.stats.index_select(0, slots))
+        rows[:, S.GENERATION] = self.stats[slots, S.GENERATION] + fresh
+        rows[:, list(S.RESTART)] *= (~fault).unsqueeze(1)  # a fault restarts the Distiller
+        loss = loss.double()
+        rows[:, S.STEPS] += update
+        rows[:, S.PAIRS] += layout.learn_counts * update
+        rows[:, S.LAST_LOSS] = torch.where(update, loss, rows[:, S.LAST_LOSS])
+        rows[:, S.LOSS_SUM] += torch.where(update, loss, 0.0)
+        rows[:, S.FAULTS] += fault
+        rows[:, S.FAULT_RESETS] += fault
+        if signal is not None:
+            rows[:, S.SIGNAL:] += self._per_segment(layout, slot_sums(signal, steps_before[layout.sampled_segments]))
+        self.stats.index_copy_(0, slots, rows)
 
     # -- asynchronous use -------------------------------------------------------------
-    def step_async(self, x: torch.Tensor, y: torch.Tensor, segments: SlotSegments,
-                   forward: Optional[BlockForward] = None) -> None:
-        """Queue a step (see `step`) behind the current stream's work; returns at once on CUDA.
-
-        The inputs are copied first, so the caller may overwrite its buffers right away.
-        """
-        if self.stream is None:
-            self.step(x, y, segments, forward)
-            return
-        y = y.detach().clone()
-        if forward is None:
-            x = x.detach().clone()
-            held = (x, y, *segments.tensors)
-        else:  # x is not read again: the forward holds what the step needs of it
-            held = (y, *segments.tensors, *forward.tensors)
-
-        def step() -> None:
-            for t in held:
-                t.record_stream(self.stream)
-            self.step(x, y, segments, forward)
-
-        self.run_async(step)
-
-    def run_async(self, work: Callable[[], None]) -> None:
-        """Run `work` (a training step, or the replay of a captured one) on the side stream,
-        behind the current stream's work, and remember when it is done (in line off CUDA
-        or without a side stream)."""
+    def run_async(self, work: Callable[[], None], held: tuple[torch.Tensor, ...] = ()) -> None:
+        """Run `work` (a training step and what must follow it) on the side stream, behind the
+        current stream's work, and remember when it is done (in line off CUDA). `held`: tensors
+        of the current stream it reads, kept alive for the side stream."""
         if self.stream is None:
             work()
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.bank.device))
         with torch.cuda.stream(self.stream):
+            for t in held:
+                t.record_stream(self.stream)
             work()
             self.done = torch.cuda.Event()
             self.done.record(self.stream)

@@ -55,3 +55,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """A decoder layer's input norm, x / sqrt(mean(x²) + eps) · w, computed in float32."""
     x = x.float()
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def tap_rows(table: torch.Tensor, index: torch.Tensor, *, columns: tuple[int, int] = (0, -1),
+             ids: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Rows [len(index), H] float32 of a tap held in `table`: table[i, start : start + H] for
+    i = index (or ids[index], when the table is indexed by token id, as an embedding is),
+    through rms_norm(·, *norm) when the tap is a normed input. columns = (start, H), H -1: all.
+    Reference of kernels.rows.tap_rows_triton."""
+    start, width = columns
+    rows = table[:, start:] if width < 0 else table[:, start:start + width]
+    picked = rows.index_select(0, index if ids is None else ids.index_select(0, index))
+    return rms_norm(picked, *norm) if norm is not None else picked.float()

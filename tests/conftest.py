@@ -1,25 +1,30 @@
 import os
 
-# Triton kernels are tested on the CPU under Triton's interpreter, which is chosen when
-# kernels are decorated, so it must be on before anything imports triton. Servers the
-# tests start get an environment without it.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels are tested on the CPU under Triton's interpreter, which is
+# chosen when kernels are decorated, so it must be on before anything imports triton.
+# Servers the tests start get an environment without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
 
 import pytest
 
-from sgl_esamp.tools.default_model import default_cache_dir, make_tiny_llama, materialize_smollm2
-
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
+    from sgl_esamp.tools.default_model import default_cache_dir, make_tiny_llama  # the installed package only
+
     return make_tiny_llama(default_cache_dir() / "tiny-llama-test")
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
+    from sgl_esamp.tools.default_model import materialize_smollm2
+
     return materialize_smollm2()
 
 

@@ -23,7 +23,7 @@ def test_help_lists_the_esamp_options():
 @pytest.mark.parametrize(
     "flag,value,expected",
     [("--esamp-beta", "11", "[0.0, 10.0]"), ("--esamp-rank", "0", "[1, 1024]"), ("--esamp-init", "xavier", "zero, svd"),
-     ("--esamp-cuda-graph", "maybe", "allowed on or off")],
+     ("--esamp-prefill-pairs", "-1", "[0, 1048576]"), ("--esamp-client-groups", "maybe", "allowed on or off")],
 )
 def test_bad_server_option_fails_fast_naming_flag_and_range(tiny_model, flag, value, expected):
     result = run_launcher(*server_command(tiny_model, 1, esamp=True, extra_args=[flag, value])[3:])

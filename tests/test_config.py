@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sgl_esamp import LATENT, REFERENCE, ESampConfig, ESampConfigError, check_beta
+from sgl_esamp import LATENT, REFERENCE, ESampConfig, ESampConfigError, check_beta, check_prefill_pairs
 
 BAD_FIELDS = [
     ("beta", -0.1, "[0.0, 10.0]"),
@@ -22,7 +22,9 @@ BAD_FIELDS = [
     ("state_dtype", "bfloat16", "float32, float64"),
     ("max_candidates", -5, "[0,"),
     ("seed", -1, "[0,"),
-    ("cuda_graph", "yes", "true or false"),
+    ("prefill_pairs", -1, "[0, 1048576]"),
+    ("prefill_pairs", 1.5, "[0, 1048576]"),
+    ("client_groups", "yes", "true or false"),
 ]
 
 
@@ -38,6 +40,7 @@ def test_bad_field_is_rejected_with_field_value_and_range(field, value, allowed)
 def test_defaults_are_valid_and_documented_values():
     cfg = ESampConfig()
     assert (cfg.rank, cfg.lr, cfg.state_dtype, cfg.init) == (64, 1e-3, "float32", "auto")
+    assert (cfg.prefill_pairs, cfg.client_groups) == (256, True)
     assert cfg.init_for(REFERENCE) == "normal" and cfg.init_for(LATENT) == "zero"
     assert ESampConfig(init="svd").init_for(REFERENCE) == "svd"
     assert set(ESampConfig.field_names()) >= {"beta", "source_layer", "rank", "lr", "num_slots", "init"}
@@ -54,3 +57,9 @@ def test_request_beta_override_uses_the_same_rule():
     assert check_beta(2) == 2.0
     with pytest.raises(ESampConfigError, match="beta"):
         check_beta(float("nan"))
+
+
+def test_request_prefill_pairs_override_uses_the_same_rule():
+    assert check_prefill_pairs(0) == 0
+    with pytest.raises(ESampConfigError, match="custom_params.prefill_pairs=-3 .*\\[0, 1048576\\]"):
+        check_prefill_pairs(-3, field="custom_params.prefill_pairs")

@@ -1,11 +1,14 @@
-"""Distiller bank: batched training equals independent training; slots never interfere."""
+"""Distiller bank and its training (torch path): batched training equals independent
+training, slots never interfere, resets are decided in the step, and a step predicts before
+it learns."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sgl_esamp import (DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, Pairs, SlotSegments,
-                       filter_candidates, svd_init, zero_delta_init)
+from sgl_esamp import (DistillerBank, DistillerTrainer, ESampConfig, ESampSampler, ESampStep, Filters, PairRow,
+                       SampledRow, StepLayout, filter_candidates, svd_init, zero_delta_init)
+from sgl_esamp import stats as S
 
 H, R = 24, 4
 
@@ -15,52 +18,89 @@ def make_trainer(num_slots, dtype=torch.float64, lr=1e-2, seed=0):
     return DistillerTrainer(DistillerBank(init, num_slots, "cpu", dtype), lr)
 
 
+def learn_layout(slots, learn=None, fresh=()):
+    """Every row a pair row in its slot (learnt unless `learn` says otherwise), none sampled."""
+    learn = [True] * len(slots) if learn is None else learn
+    return StepLayout.build([PairRow(i, s, l) for i, (s, l) in enumerate(zip(slots, learn))], [], set(fresh))
+
+
+def train(trainer, x, y, slots, **kwargs):
+    """One training step on rows x, y [N, H] in `slots` (engine order), from its own forward."""
+    step = ESampStep.tapped(learn_layout(slots, **kwargs), x, y)
+    trainer.step(step, trainer.bank.forward(step.shallow, step.layout))
+    return step
+
+
 def group_batches(k, steps, seed=0):
     gen = torch.Generator().manual_seed(seed)
     sizes = [1 + g % 3 for g in range(k)]
-    return [
-        [(torch.randn(n, H, generator=gen, dtype=torch.float64), torch.randn(n, H, generator=gen, dtype=torch.float64)) for n in sizes]
-        for _ in range(steps)
-    ]
+    return [[(torch.randn(n, H, generator=gen, dtype=torch.float64), torch.randn(n, H, generator=gen, dtype=torch.float64))
+             for n in sizes] for _ in range(steps)]
+
+
+def randomize(bank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in bank.params.values():  # non-trivial weights everywhere
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def test_layout_sorts_rows_by_slot_learnt_first_in_one_copy():
+    pairs = [PairRow(10, 3, True), PairRow(11, 0, True), PairRow(12, 3, False), PairRow(13, 3, True)]
+    layout = StepLayout.build(pairs, [SampledRow(7, 2, 0.5), SampledRow(8, 1, 0.25)], {0})
+    assert layout.sources.tolist() == [10, 13, 12, 11]  # slot 3's learnt rows, its predicted row, then slot 0
+    assert layout.distinct.tolist() == [3, 0] and layout.fresh.tolist() == [0, 1]
+    assert layout.starts.tolist() == [0, 3, 4] and layout.learn_counts.tolist() == [2, 1] and layout.width == 3
+    assert layout.segment.tolist() == [0, 0, 0, 1] and layout.position.tolist() == [0, 1, 2, 0]
+    assert layout.sampled_pairs.tolist() == [2, 3] and layout.sampled_segments.tolist() == [0, 1]
+    assert layout.batch_rows.tolist() == [7, 8] and layout.betas.tolist() == [0.5, 0.25]
+    assert layout.sources.untyped_storage().data_ptr() == layout.betas.untyped_storage().data_ptr()  # one buffer
+    empty = StepLayout.build([], [], set())
+    assert empty.num_distinct == 0 and empty.width == 0
 
 
 def test_forward_is_the_documented_formula():
-    trainer = make_trainer(3)
-    bank = trainer.bank
-    gen = torch.Generator().manual_seed(1)
-    for p in bank.params.values():  # non-trivial weights everywhere
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    x = torch.randn(5, H, dtype=torch.float64, generator=gen)
-    slots = torch.tensor([2, 0, 2, 1, 0])
-    out = bank.forward(x, SlotSegments.of(slots))
-    for i, s in enumerate(slots.tolist()):
-        p = bank.slot_params(s)
+    bank = make_trainer(3).bank
+    randomize(bank, 1)
+    x = torch.randn(5, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    slots = [2, 0, 2, 1, 0]
+    layout = learn_layout(slots)
+    out = bank.predict(x[layout.sources], layout)
+    for j, i in enumerate(layout.sources.tolist()):
+        p = bank.slot_params(slots[i])
         delta = ((x[i] @ p["A"]) * F.silu(x[i] @ p["G"] + p["b"])) @ p["B"]
-        expected = F.layer_norm(x[i] + delta, (H,)) * p["gain"] + p["bias"]
-        torch.testing.assert_close(out[i], expected)
+        torch.testing.assert_close(out[j], F.layer_norm(x[i] + delta, (H,)) * p["gain"] + p["bias"])
+
+
+def test_a_fresh_slot_is_predicted_from_the_initial_weights():
+    bank = make_trainer(2).bank
+    randomize(bank, 2)  # slot 1 holds another group's trained weights
+    x = torch.randn(3, H, dtype=torch.float64)
+    fresh, stale = learn_layout([1, 1, 1], fresh=[1]), learn_layout([1, 1, 1])
+    expected = DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 1, "cpu", torch.float64).predict(
+        x, learn_layout([0, 0, 0]))
+    torch.testing.assert_close(bank.predict(x, fresh), expected, rtol=0, atol=0)
+    assert not torch.allclose(bank.predict(x, stale), expected)
 
 
 def test_the_written_out_backward_is_autograds_gradient_of_the_documented_loss():
     trainer = make_trainer(4)
     bank = trainer.bank
+    randomize(bank, 2)
     gen = torch.Generator().manual_seed(2)
-    for p in bank.params.values():
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
     x, y = torch.randn(7, H, dtype=torch.float64, generator=gen), torch.randn(7, H, dtype=torch.float64, generator=gen)
-    x[3] = float("nan")  # a row without a slot: it must not reach any slot's loss or gradient
-    slots = torch.tensor([2, 0, 2, -1, 3, 2, 0])  # groups of 3, 2 and 1 rows: padded blocks
-    segments = SlotSegments.of(slots)
-    _, forward = bank.predict(x, segments)  # training starts from the prediction's forward
-    loss, grad = trainer.loss_and_grad(y, segments, forward)
+    slots = [2, 0, 2, 3, 3, 2, 0]  # groups of 3, 2 and 2 rows: padded blocks
+    learn = [True, True, False, True, True, True, False]  # rows only predicted count for nothing
+    step = ESampStep.tapped(learn_layout(slots, learn), x, y)
+    forward = bank.forward(step.shallow, step.layout)
+    loss, grad = trainer.loss_and_grad(step.deep, step.layout, forward)
 
-    leaves = {k: v.clone().requires_grad_(True) for k, v in bank.views(bank.gather(segments)).items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in bank.views(bank.gather(step.layout)).items()}
     expected_loss = []
-    for d, s in enumerate(segments.distinct.tolist()):
-        rows = slots == s
+    for d, s in enumerate(step.layout.distinct.tolist()):
+        rows = torch.tensor([slot == s and l for slot, l in zip(slots, learn)])
         p = {k: v[d] for k, v in leaves.items()}
         xs = x[rows]
-        delta = ((xs @ p["A"]) * F.silu(xs @ p["G"] + p["b"])) @ p["B"]
-        pred = F.layer_norm(xs + delta, (H,)) * p["gain"] + p["bias"]
+        pred = F.layer_norm(xs + ((xs @ p["A"]) * F.silu(xs @ p["G"] + p["b"])) @ p["B"], (H,)) * p["gain"] + p["bias"]
         expected_loss.append((pred - y[rows]).square().mean(-1).mean())
     expected_loss = torch.stack(expected_loss)
     expected_grad = torch.cat([g.flatten(1) for g in torch.autograd.grad(expected_loss.sum(), list(leaves.values()))], 1)
@@ -68,78 +108,63 @@ def test_the_written_out_backward_is_autograds_gradient_of_the_documented_loss()
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-13)
 
 
-def test_a_step_from_the_predictions_forward_equals_a_step_that_runs_its_own():
-    own, reused = make_trainer(3, dtype=torch.float32), make_trainer(3, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(4)
-    for step in range(3):
-        x, y = torch.randn(6, H, generator=gen), torch.randn(6, H, generator=gen)
-        segments = SlotSegments.of([step % 3, 1, -1, 1, step % 3, 1])
-        own.step(x, y, segments)
-        _, forward = reused.bank.predict(x, segments)
-        reused.step(x.fill_(float("nan")), y, segments, forward)  # x itself is not read again
-    assert torch.equal(own.bank.rows, reused.bank.rows)
-    assert torch.equal(own.exp_avg_sq_rows, reused.exp_avg_sq_rows) and torch.equal(own.steps, reused.steps)
-
-
 def test_one_batched_step_over_k_groups_equals_k_independent_steps():
     k, steps = 4, 3
     batched = make_trainer(k)
     singles = [make_trainer(1) for _ in range(k)]
     for batch in group_batches(k, steps):
-        x = torch.cat([b[0] for b in batch])
-        y = torch.cat([b[1] for b in batch])
-        slots = torch.cat([torch.full((len(b[0]),), g) for g, b in enumerate(batch)])
-        batched.step(x, y, SlotSegments.of(slots))
+        x, y = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+        train(batched, x, y, [g for g, b in enumerate(batch) for _ in range(len(b[0]))])
         for g, (xg, yg) in enumerate(batch):
-            singles[g].step(xg, yg, SlotSegments.of([0] * len(xg)))
+            train(singles[g], xg, yg, [0] * len(xg))
     for g in range(k):
         for name, value in singles[g].bank.slot_params(0).items():
             torch.testing.assert_close(batched.bank.slot_params(g)[name], value, rtol=1e-10, atol=1e-12)
-        assert batched.steps[g] == singles[g].steps[0] == steps
-        torch.testing.assert_close(batched.last_loss[g], singles[g].last_loss[0])
+        assert batched.stats[g, S.STEPS] == singles[g].stats[0, S.STEPS] == steps
+        torch.testing.assert_close(batched.stats[g, S.LAST_LOSS], singles[g].stats[0, S.LAST_LOSS])
+
+
+def snapshot(trainer, slot):
+    return [t[slot].clone() for state in (trainer.bank.params, trainer.exp_avg, trainer.exp_avg_sq) for t in state.values()]
 
 
 def test_training_group_a_never_touches_group_b_or_its_optimizer_state():
     trainer = make_trainer(2)
     batch = group_batches(2, 1)[0]
-    trainer.step(torch.cat([batch[0][0], batch[1][0]]), torch.cat([batch[0][1], batch[1][1]]),
-                 SlotSegments.of([0] * len(batch[0][0]) + [1] * len(batch[1][0])))
-    snapshot = lambda s: [t[s].clone() for state in (trainer.bank.params, trainer.exp_avg, trainer.exp_avg_sq)
-                          for t in state.values()]
-    before_b = snapshot(1)
-    before_a = snapshot(0)
+    train(trainer, torch.cat([batch[0][0], batch[1][0]]), torch.cat([batch[0][1], batch[1][1]]),
+          [0] * len(batch[0][0]) + [1] * len(batch[1][0]))
+    before_b, before_a = snapshot(trainer, 1), snapshot(trainer, 0)
     for _ in range(5):  # only group A trains; B has momentum that must not drift it
-        trainer.step(batch[0][0], batch[0][1], SlotSegments.of([0] * len(batch[0][0])))
-    assert all(torch.equal(a, b) for a, b in zip(snapshot(1), before_b))
-    assert not all(torch.equal(a, b) for a, b in zip(snapshot(0), before_a))
-    assert trainer.steps.tolist() == [6, 1]
+        train(trainer, batch[0][0], batch[0][1], [0] * len(batch[0][0]))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 1), before_b))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 0), before_a))
+    assert trainer.stats[:, S.STEPS].tolist() == [6, 1]
+
+
+def test_rows_only_predicted_do_not_train():
+    trainer = make_trainer(1)
+    train(trainer, torch.randn(3, H, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64), [0, 0, 0],
+          learn=[False] * 3)
+    assert trainer.stats[0, S.STEPS] == 0 and not trainer.bank.params["B"].any()
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf"])
-def test_a_slot_with_a_non_finite_step_skips_it_whole_while_the_others_step(poison):
+def test_a_slot_whose_step_faults_restarts_from_fresh_weights_at_once_while_the_others_step(poison):
     trainer, alone = make_trainer(2), make_trainer(2)
     batch = group_batches(2, 2)
-    for t in (trainer, alone):  # one clean step each, so both slots have momentum to lose
-        t.step(torch.cat([batch[0][0][0], batch[0][1][0]]), torch.cat([batch[0][0][1], batch[0][1][1]]),
-               SlotSegments.of([0] * len(batch[0][0][0]) + [1] * len(batch[0][1][0])))
-    snapshot = lambda t, s: [x[s].clone() for state in (t.bank.params, t.exp_avg, t.exp_avg_sq) for x in state.values()]
-    slot0_before = snapshot(trainer, 0)
+    for t in (trainer, alone):  # one clean step each, so both slots have weights and momentum to lose
+        train(t, torch.cat([batch[0][0][0], batch[0][1][0]]), torch.cat([batch[0][0][1], batch[0][1][1]]),
+              [0] * len(batch[0][0][0]) + [1] * len(batch[0][1][0]))
     x0 = batch[1][0][0].clone()
     x0[0, 3] = float(poison)
-    trainer.step(torch.cat([x0, batch[1][1][0]]), torch.cat([batch[1][0][1], batch[1][1][1]]),
-                 SlotSegments.of([0] * len(x0) + [1] * len(batch[1][1][0])))
-    alone.step(batch[1][1][0], batch[1][1][1], SlotSegments.of([1] * len(batch[1][1][0])))
-    assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 0), slot0_before))  # weights and moments
+    train(trainer, torch.cat([x0, batch[1][1][0]]), torch.cat([batch[1][0][1], batch[1][1][1]]),
+          [0] * len(x0) + [1] * len(batch[1][1][0]))
+    train(alone, batch[1][1][0], batch[1][1][1], [1] * len(batch[1][1][0]))
+    fresh = make_trainer(2)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 0), snapshot(fresh, 0)))  # init, zero moments
     assert all(torch.equal(a, b) for a, b in zip(snapshot(trainer, 1), snapshot(alone, 1)))  # as if alone
-    assert trainer.steps.tolist() == [1, 2] and trainer.faults.tolist() == [1, 0]
-
-
-def test_rows_without_slot_are_ignored():
-    trainer = make_trainer(1)
-    x, y = torch.randn(3, H, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
-    trainer.step(x, y, SlotSegments.of([-1, -1, -1]))
-    assert trainer.steps.tolist() == [0]
-    assert torch.equal(trainer.bank.params["B"], torch.zeros_like(trainer.bank.params["B"]))
+    assert trainer.stats[:, S.STEPS].tolist() == [0, 2] and trainer.stats[:, S.PAIRS].tolist()[0] == 0
+    assert trainer.stats[:, S.FAULTS].tolist() == [1, 0] and trainer.stats[:, S.FAULT_RESETS].tolist() == [1, 0]
 
 
 def test_loss_falls_on_a_repeated_stream_and_prediction_changes():
@@ -147,35 +172,51 @@ def test_loss_falls_on_a_repeated_stream_and_prediction_changes():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, H, generator=gen)
     y = torch.tanh(x @ torch.randn(H, H, generator=gen))  # a fixed, learnable mapping
-    slots = SlotSegments.of([0] * 6)
-    before = trainer.bank.forward(x, slots).clone()
+    layout = learn_layout([0] * 6)
+    before = trainer.bank.predict(x, layout).clone()
     losses = []
     for _ in range(60):
-        trainer.step(x, y, slots)
-        losses.append(trainer.last_loss[0].item())
+        train(trainer, x, y, [0] * 6)
+        losses.append(trainer.stats[0, S.LAST_LOSS].item())
     assert losses[-1] < 0.5 * losses[0]
-    assert not torch.allclose(trainer.bank.forward(x, slots), before)
+    assert not torch.allclose(trainer.bank.predict(x, layout), before)
+
+
+def unfiltered(n):
+    return Filters(torch.ones(n), torch.full((n,), 1 << 30), torch.ones(n), torch.zeros(n))
+
+
+def decode(sampler, rows, betas, gen, vocab):
+    """One sample() decode step of (group, member) rows on random states; its tokens."""
+    n = len(rows)
+    slots = sampler.assign_slots(rows)
+    logits = torch.randn(n, vocab, generator=gen)
+    step = ESampStep.tapped(sampler.decode_layout(slots, betas), torch.randn(n, H, generator=gen),
+                            torch.randn(n, H, generator=gen))
+    return sampler.sample(step, torch.softmax(logits, -1), logits, unfiltered(n))
 
 
 def test_reclaimed_slot_starts_fresh():
     sampler = ESampSampler(ESampConfig(num_slots=1, rank=R, lr=1e-2), torch.randn(100, H))
-    args = lambda n: (torch.randn(n, 100), torch.randn(n, H), torch.randn(n, H))
-    plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
     fresh = {k: v.clone() for k, v in sampler.distillers.params.items()}
-    slots = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b")]))
+    gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        sampler.sample(*args(2), slots, torch.ones(2), **plain)
+        decode(sampler, [("g", "a"), ("g", "b")], [1.0, 1.0], gen, 100)
     assert sampler.group_stats("g")["train_steps"] == 3 and sampler.group_stats("g")["signal"]["rows"] == 6
     sampler.release("g", "a")
     sampler.release("g", "b")
     assert sampler.stats()["slots_used"] == 0 and sampler.stats()["slots_retained"] == 1
     assert sampler.assign_slots([("h", "c")]) == [0]  # the only slot: g's is reclaimed
+    assert sampler.group_stats("h")["train_steps"] == 0 and sampler.group_stats("h")["signal"] is None
+    twin = ESampSampler(ESampConfig(num_slots=1, rank=R, lr=1e-2), torch.randn(100, H))
+    for s, g in ((sampler, gen), (twin, torch.Generator().manual_seed(9))):  # h's first step starts from init
+        g.manual_seed(9)
+        decode(s, [("h", "c")], [1.0], g, 100)
+    assert sampler.group_stats("h") == {**twin.group_stats("h"), "signal": sampler.group_stats("h")["signal"]}
+    assert sampler.group_stats("h")["train_steps"] == 1 and sampler.group_stats("h")["signal"]["rows"] == 1
     for name, value in sampler.distillers.params.items():
-        assert torch.equal(value, fresh[name])
-        assert not sampler.trainer.exp_avg[name].any() and not sampler.trainer.exp_avg_sq[name].any()
-    assert sampler.group_stats("h") == {"variant": "latent", "slot": 0, "train_steps": 0, "train_pairs": 0,
-                                        "last_loss": None, "mean_loss": None, "faults": 0, "fault_resets": 0,
-                                        "evictions": 0, "signal": None}
+        assert torch.equal(value, twin.distillers.params[name])
+    assert not torch.equal(sampler.distillers.params["B"], fresh["B"])  # it trained (B = 0 at init: A, G move later)
 
 
 def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
@@ -186,12 +227,11 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
     q, _ = torch.linalg.qr(torch.randn(H, R, generator=gen))
     down[:, :R] = q * torch.tensor([4.0, 3.0, 2.0, 1.0])  # only R channels matter: V_r = channels
     init = svd_init(gate, up, down, R, dtype=torch.float64)
-    x = torch.randn(3, H, generator=gen)
-    x, gate, up, down = x.double(), gate.double(), up.double(), down.double()
-    mlp = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    x = torch.randn(3, H, generator=gen).double()
+    mlp = (F.silu(x @ gate.double().T) * (x @ up.double().T)) @ down.double().T
     bank = DistillerBank(init, 1, "cpu", torch.float64)
-    expected = F.layer_norm(x.double() + mlp.double(), (H,))
-    torch.testing.assert_close(bank.forward(x, SlotSegments.of([0, 0, 0])), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bank.predict(x, learn_layout([0, 0, 0])), F.layer_norm(x + mlp, (H,)),
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         svd_init(gate, up, down, inter + 1)
 
@@ -199,16 +239,15 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
 def dense_step(params, moments, steps, x, y, slots, lr):
     """The former dense path, kept as a reference: every row multiplied by every slot's parameters
     ([H, S·r] GEMMs), gradients for all slots, masked Adam over all slots."""
-    S = steps.numel()
+    S_ = steps.numel()
     p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    rows, slot = torch.arange(len(x)), slots.clamp_min(0)
-    A, G = p["A"].permute(1, 0, 2).reshape(H, S * R), p["G"].permute(1, 0, 2).reshape(H, S * R)
-    h = (x @ A).view(-1, S, R)[rows, slot] * F.silu((x @ G).view(-1, S, R)[rows, slot] + p["b"][slot])
-    spread = torch.zeros(len(x), S, R, dtype=x.dtype).index_put((rows, slot), h)
-    pred = F.layer_norm(x + spread.view(-1, S * R) @ p["B"].reshape(S * R, H), (H,)) * p["gain"][slot] + p["bias"][slot]
-    valid = (slots >= 0).double()
-    counts = torch.zeros(S, dtype=x.dtype).index_add_(0, slot, valid)
-    loss = torch.zeros(S, dtype=x.dtype).index_add_(0, slot, (pred - y).square().mean(-1) * valid / counts[slot].clamp_min(1))
+    rows, slot = torch.arange(len(x)), slots
+    A, G = p["A"].permute(1, 0, 2).reshape(H, S_ * R), p["G"].permute(1, 0, 2).reshape(H, S_ * R)
+    h = (x @ A).view(-1, S_, R)[rows, slot] * F.silu((x @ G).view(-1, S_, R)[rows, slot] + p["b"][slot])
+    spread = torch.zeros(len(x), S_, R, dtype=x.dtype).index_put((rows, slot), h)
+    pred = F.layer_norm(x + spread.view(-1, S_ * R) @ p["B"].reshape(S_ * R, H), (H,)) * p["gain"][slot] + p["bias"][slot]
+    counts = torch.zeros(S_, dtype=x.dtype).index_add_(0, slot, torch.ones(len(x), dtype=x.dtype))
+    loss = torch.zeros(S_, dtype=x.dtype).index_add_(0, slot, (pred - y).square().mean(-1) / counts[slot])
     grads = torch.autograd.grad(loss.sum(), list(p.values()))
     active = counts > 0
     steps += active.long()
@@ -231,13 +270,10 @@ def test_per_slot_compute_equals_the_former_dense_path_over_every_slot():
     gen = torch.Generator().manual_seed(3)
     for step in range(6):
         x, y = torch.randn(5, H, generator=gen, dtype=torch.float64), torch.randn(5, H, generator=gen, dtype=torch.float64)
-        slots = torch.tensor([step % 5, 6, -1, 6, step % 5])  # a moving slot, a fixed one, a row without slot
-        with torch.no_grad():
-            segments = SlotSegments.of(slots)
-            assert segments.width == (2 if step % 5 != 6 else 4) and segments.num_distinct == 2
-        per_slot.step(x, y, segments)
+        slots = torch.tensor([step % 5, 6, 6, 6, step % 5])  # a moving slot and a fixed one
+        train(per_slot, x, y, slots.tolist())
         dense_step(params, moments, steps, x, y, slots, per_slot.lr)
-    assert torch.equal(per_slot.steps, steps)
+    assert torch.equal(per_slot.stats[:, S.STEPS].long(), steps)
     for name in params:
         torch.testing.assert_close(per_slot.bank.params[name], params[name], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(per_slot.exp_avg_sq[name], moments[name][1], rtol=1e-10, atol=1e-16)
@@ -246,21 +282,10 @@ def test_per_slot_compute_equals_the_former_dense_path_over_every_slot():
         assert torch.equal(value[idle], make_trainer(8).bank.params[name][idle])
 
 
-def test_segments_are_laid_out_by_the_host_in_one_copy():
-    seg = SlotSegments.of([3, -1, 3, 0, 3])
-    assert seg.distinct.tolist() == [3, 0] and seg.counts.tolist() == [3, 1] and seg.width == 3
-    assert seg.segment.tolist() == [0, 0, 0, 1, 0] and seg.position.tolist() == [0, 3, 1, 0, 2]
-    assert seg.slots.untyped_storage().data_ptr() == seg.distinct.untyped_storage().data_ptr()  # one buffer
-    empty = SlotSegments.of([-1, -1])
-    assert empty.num_distinct == 0 and empty.width == 0
-
-
 def test_training_works_when_the_engine_samples_under_inference_mode():
     with torch.inference_mode():
         sampler = ESampSampler(ESampConfig(num_slots=2, rank=R), torch.randn(50, H))
-        slots = SlotSegments.of(sampler.assign_slots([("g", "a")]))
-        plain = dict(temperatures=torch.ones(1), top_ks=torch.full((1,), 1 << 30), top_ps=torch.ones(1), min_ps=torch.zeros(1))
-        sampler.sample(torch.randn(1, 50), torch.randn(1, H), torch.randn(1, H), slots, torch.ones(1), **plain)
+        decode(sampler, [("g", "a")], [1.0], torch.Generator().manual_seed(0), 50)
     assert sampler.group_stats("g")["train_steps"] == 1
 
 
@@ -271,17 +296,22 @@ def test_a_step_predicts_before_it_learns_the_pairs_it_saw():
     head = torch.randn(50, H)
     prompt_fed, rows_fed, reference = (ESampSampler(config, head) for _ in range(3))
     gen = torch.Generator().manual_seed(0)
-    logits, x, y = torch.randn(2, 50, generator=gen), torch.randn(2, H, generator=gen), torch.randn(2, H, generator=gen)
-    prompt = Pairs(torch.randn(10, H, generator=gen), torch.randn(10, H, generator=gen), SlotSegments.of([0] * 10))
-    plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.ones(2), min_ps=torch.zeros(2))
-    candidates = filter_candidates(logits, *plain.values())
+    logits = torch.randn(2, 50, generator=gen)
+    prompt_x, prompt_y = torch.randn(10, H, generator=gen), torch.randn(10, H, generator=gen)
+    filters = unfiltered(2)
+    candidates = filter_candidates(logits, *filters)
+    z = logits.gather(1, candidates.token_ids)
     outs = []
-    for sampler, seen in ((prompt_fed, prompt), (rows_fed, None)):
-        slots = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b")]))
-        outs.append(sampler.fuse(candidates, logits, x, y, slots, torch.ones(2), plain["temperatures"], seen))
+    for sampler, learnt in ((prompt_fed, range(10)), (rows_fed, (4, 9))):  # rows 4 and 9: the sampled tokens
+        slots = sampler.assign_slots([("g", "a"), ("g", "b")])
+        pairs = [PairRow(i, slots[0], True) for i in learnt]
+        sampled = [SampledRow(0, list(learnt).index(4), 1.0), SampledRow(1, list(learnt).index(9), 1.0)]
+        step = ESampStep.tapped(sampler.layout(pairs, sampled), prompt_x, prompt_y)
+        outs.append(sampler.fuse(step, candidates, z, filters.temperatures))
     assert torch.equal(outs[0].weights, outs[1].weights)  # same prediction: learning comes after it
     assert prompt_fed.group_stats("g")["train_pairs"] == 10 and rows_fed.group_stats("g")["train_pairs"] == 2
-    reference.learn(prompt)
+    reference.assign_slots([("g", "a")])
+    reference.learn(ESampStep.tapped(reference.layout([PairRow(i, 0, True) for i in range(10)]), prompt_x, prompt_y))
     for name, value in prompt_fed.distillers.params.items():
         assert torch.equal(value, reference.distillers.params[name])  # it learnt exactly the prompt pairs
 
@@ -293,56 +323,56 @@ def test_sample_draws_in_one_fused_step_what_fuse_keeps_and_trains_the_same():
     head = torch.randn(60, H, generator=torch.Generator().manual_seed(1))
     drawing, fusing = ESampSampler(config, head), ESampSampler(config, head)
     gen = torch.Generator().manual_seed(2)
-    plain = dict(temperatures=torch.tensor([0.8, 1.2, 0.0]), top_ks=torch.tensor([1 << 30, 5, 1 << 30]),
-                 top_ps=torch.tensor([0.9, 1.0, 1.0]), min_ps=torch.tensor([0.0, 0.05, 0.0]))
-    for step in range(3):
+    filters = Filters(torch.tensor([0.8, 1.2, 1.0]), torch.tensor([1 << 30, 5, 1 << 30]), torch.tensor([0.9, 1.0, 1.0]),
+                      torch.tensor([0.0, 0.05, 0.0]))
+    rows = [("g", "a"), ("g", "b"), ("h", "c")]
+    for _ in range(3):
         logits, x, y = torch.randn(3, 60, generator=gen), torch.randn(3, H, generator=gen), torch.randn(3, H, generator=gen)
-        tokens = []
-        for sampler in (drawing, fusing):
-            segments = SlotSegments.of(sampler.assign_slots([("g", "a"), ("g", "b"), ("h", "c")]))
-            if sampler is drawing:
-                tokens = sampler.sample(logits, x, y, segments, torch.full((3,), 0.5), **plain)
-            else:
-                kept = filter_candidates(logits, *plain.values(), max_candidates=16)
-                fused = sampler.fuse(kept, logits, x, y, segments, torch.full((3,), 0.5), plain["temperatures"])
+        step = ESampStep.tapped(drawing.decode_layout(drawing.assign_slots(rows), [0.5] * 3), x, y)
+        tokens = drawing.sample(step, torch.softmax(logits / filters.temperatures.view(-1, 1), -1), logits, filters)
+        kept = filter_candidates(logits, *filters, max_candidates=16)
+        step = ESampStep.tapped(fusing.decode_layout(fusing.assign_slots(rows), [0.5] * 3), x, y)
+        fused = fusing.fuse(step, kept, logits.gather(1, kept.token_ids), filters.temperatures)
         assert all(fused.token_ids[i][fused.weights[i] > 0].tolist().count(int(tokens[i])) == 1 for i in range(3))
-        assert tokens[2] == logits[2].argmax()  # the greedy row
     for name, value in drawing.distillers.params.items():
         torch.testing.assert_close(value, fusing.distillers.params[name], rtol=1e-12, atol=1e-12)
-    assert drawing.group_stats("g")["signal"] == fusing.group_stats("g")["signal"]
+    for group in ("g", "h"):
+        ours, theirs = drawing.group_stats(group)["signal"], fusing.group_stats(group)["signal"]
+        assert ours.keys() == theirs.keys() and all(ours[k] == pytest.approx(theirs[k], rel=1e-6) for k in ours)
 
 
 @pytest.mark.parametrize("path", ["fuse", "sample"])
 def test_a_faulty_group_falls_back_to_plain_sampling_restarts_fresh_and_leaves_the_others_alone(path):
     config = ESampConfig(num_slots=2, rank=R, lr=1e-2, state_dtype="float64", max_candidates=16)
     sampler = ESampSampler(config, torch.randn(60, H, generator=torch.Generator().manual_seed(1)))
-    plain = dict(temperatures=torch.ones(2), top_ks=torch.full((2,), 1 << 30), top_ps=torch.full((2,), 0.9),
-                 min_ps=torch.zeros(2))
+    filters = Filters(torch.ones(2), torch.full((2,), 1 << 30), torch.full((2,), 0.9), torch.zeros(2))
     gen = torch.Generator().manual_seed(2)
 
     def step(poison):
         logits, x, y = torch.randn(2, 60, generator=gen), torch.randn(2, H, generator=gen), torch.randn(2, H, generator=gen)
         if poison:
             x[0] = float("nan")  # NaN in group g's hidden state
-        segments = SlotSegments.of(sampler.assign_slots([("g", "a"), ("h", "b")]))
-        kept = filter_candidates(logits, *plain.values(), max_candidates=16)
+        esamp_step = ESampStep.tapped(sampler.decode_layout(sampler.assign_slots([("g", "a"), ("h", "b")]), [1.0, 1.0]),
+                                      x, y)
+        kept = filter_candidates(logits, *filters, max_candidates=16)
         if path == "fuse":
-            weights = sampler.fuse(kept, logits, x, y, segments, torch.ones(2), plain["temperatures"]).weights
+            weights = sampler.fuse(esamp_step, kept, logits.gather(1, kept.token_ids), filters.temperatures).weights
             assert torch.isfinite(weights).all()
             assert torch.equal(weights[0], kept.weights[0]) == poison  # the faulty row is sampled plainly
             return
-        tokens = sampler.sample(logits, x, y, segments, torch.ones(2), **plain)
+        tokens = sampler.sample(esamp_step, torch.softmax(logits, -1), logits, filters)
         assert all(int(tokens[i]) in kept.token_ids[i][kept.weights[i] > 0].tolist() for i in range(2))
 
     step(False)
     h_before = {k: v[1].clone() for k, v in sampler.distillers.params.items()}
-    step(True)
+    step(True)  # the faulty step does not train g, and restarts it from fresh weights at once
     stats = sampler.group_stats("g")
-    assert stats["faults"] >= 1 and stats["train_steps"] == 1  # the poisoned step did not train
+    assert stats["faults"] == 1 and stats["fault_resets"] == 1 and stats["train_steps"] == 0
+    assert torch.equal(sampler.distillers.flat[0], sampler.distillers.init_flat)
     assert sampler.group_stats("h")["train_steps"] == 2 and sampler.group_stats("h")["faults"] == 0
-    step(False)  # the next step restarts g from fresh weights, then trains it on a clean pair
+    step(False)  # g trains on from fresh weights, on a clean pair
     stats = sampler.group_stats("g")
-    assert stats["fault_resets"] == 1 and stats["faults"] == 0 and stats["train_steps"] == 1
+    assert stats["fault_resets"] == 1 and stats["faults"] == 1 and stats["train_steps"] == 1
     assert all(torch.isfinite(v[0]).all() for v in sampler.distillers.params.values())
     assert not torch.equal(sampler.distillers.params["B"][1], h_before["B"])  # h kept training throughout
     assert sampler.group_stats("h")["fault_resets"] == 0

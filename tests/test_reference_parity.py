@@ -12,7 +12,7 @@ Written from the recipe alone (LinesHogan/tLLM, as summarised in sgl_esamp/varia
 import torch
 import torch.nn.functional as F
 
-from sgl_esamp import ESampConfig, ESampSampler, SlotSegments, filter_candidates, normal_init, rms_norm
+from sgl_esamp import ESampConfig, ESampSampler, ESampStep, filter_candidates, normal_init, rms_norm
 
 H, R, V, N = 32, 4, 60, 3
 EPS = 1e-6
@@ -61,10 +61,10 @@ def test_one_reference_step_fuses_and_trains_exactly_as_the_authors_formulas():
 
     config = ESampConfig(variant="reference", rank=R, num_slots=2, lr=1e-3, state_dtype="float64", max_candidates=0)
     ours = ESampSampler(config, head)
-    slots = SlotSegments.of(ours.assign_slots([("g", i) for i in range(N)]))
+    layout = ours.decode_layout(ours.assign_slots([("g", i) for i in range(N)]), beta.tolist())
     x, y = rms_norm(h0, w0, EPS).double(), rms_norm(h_last, w_last, EPS).double()
     candidates = filter_candidates(z.float(), T.float(), torch.full((N,), 1 << 30), top_ps, torch.zeros(N))
-    fused = ours.fuse(candidates, z.float(), x, y, slots, beta.float(), T.float())
+    fused = ours.fuse(ESampStep.tapped(layout, x, y), candidates, z.float().gather(1, candidates.token_ids), T.float())
 
     init = ours.distillers.init
     authors = AuthorsDistiller(init.A, init.G, init.B)
@@ -82,7 +82,7 @@ def test_one_reference_step_fuses_and_trains_exactly_as_the_authors_formulas():
     opt = torch.optim.AdamW(authors.parameters(), lr=1e-3, weight_decay=0.01)
     F.mse_loss(authors(x), y).backward()
     opt.step()
-    mine = ours.distillers.slot_params(int(slots.distinct[0]))
+    mine = ours.distillers.slot_params(int(layout.distinct[0]))
     for name, theirs in (("A", authors.A), ("G", authors.G), ("B", authors.B), ("b", authors.gate_bias),
                          ("gain", authors.ln.weight), ("bias", authors.ln.bias)):
         torch.testing.assert_close(mine[name], theirs.detach(), rtol=1e-9, atol=1e-12)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sgl_esamp import ESampConfig, ESampSampler, SlotSegments, VocabShard
+from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, VocabShard
 from sgl_esamp.candidates import filter_candidates
 from test_server import bank, generate, wait_for
 
@@ -48,14 +48,17 @@ def run(head: torch.Tensor, variant: str, vocab_shard=None) -> dict:
     tokens, weights = [], []
     for step in range(STEPS):
         logits, shallow, deep, betas, temps, top_ks, top_ps, min_ps = step_inputs(step)
-        segments = SlotSegments.of([s if s is not None else -1 for s in sampler.assign_slots(ROWS)])
+        layout = sampler.decode_layout(sampler.assign_slots(ROWS), betas.tolist())
+        esamp_step = ESampStep.tapped(layout, shallow, deep)
+        filters = Filters(temps, top_ks, top_ps, min_ps)
         if step % 2:
-            kept = filter_candidates(logits, temps, top_ks, top_ps, min_ps, 64)
-            weights.append(sampler.fuse(kept, logits, shallow, deep, segments, betas, temps).weights)
+            kept = filter_candidates(logits, *filters, 64)
+            weights.append(sampler.fuse(esamp_step, kept, logits.gather(1, kept.token_ids), temps).weights)
         else:
-            tokens.append(sampler.sample(logits, shallow, deep, segments, betas, temps, top_ks, top_ps, min_ps))
+            probs = torch.softmax(logits / torch.where(temps > 0, temps, 1.0).view(-1, 1), -1)
+            tokens.append(sampler.sample(esamp_step, probs, logits, filters))
     return {"tokens": torch.stack(tokens), "weights": torch.stack(weights), "params": sampler.distillers.flat.clone(),
-            "moments": sampler.trainer.exp_avg_sq_flat.clone(), "signal": sampler.signal.sums.clone()}
+            "moments": sampler.trainer.exp_avg_sq_rows.clone(), "stats": sampler.trainer.stats.clone()}
 
 
 def full_head() -> torch.Tensor:
@@ -101,7 +104,7 @@ def test_sharded_head_matches_one_rank_with_the_whole_head(sharded, variant):
         mine = sharded[rank][variant]
         assert torch.equal(mine["tokens"], whole["tokens"])
         # d of each candidate is one rank's product plus zeros: the same float, step after step
-        for key in ("weights", "params", "moments", "signal"):
+        for key in ("weights", "params", "moments", "stats"):
             assert torch.equal(mine[key], whole[key]), key
     assert whole["params"].ne(run(full_head(), variant)["params"]).sum() == 0  # deterministic reference
     assert (whole["moments"] != 0).any()  # it trained

@@ -1,67 +1,63 @@
-"""One Triton kernel for the whole ESamp draw on the K most probable tokens.
+"""One Triton kernel for the whole ESamp draw of a step's sampled rows.
 
-Given SGLang's own probabilities p = softmax(z / T) for the K most probable tokens
+Given the engine's probabilities p = softmax(z / T) for each row's K most probable tokens
 (sorted descending, e.g. by torch.topk: no full-vocabulary sort), one program per row
 
-    1. applies top-k, top-p and min-p on the K ranks (the kept set of filter_probs),
-    2. gathers the LM-head rows of kept tokens only and dots them with ŷ: d = W_head[c]·ŷ,
+    1. applies top-k, top-p and min-p on the K ranks (the kept set of filter_probs), with the
+       row's settings read from the batch's own tensors;
+    2. gathers the LM-head rows of kept tokens only and dots them with ŷ: d = W_head[c]·ŷ;
     3. reweights: w = p · exp(β (z - s·d) / T - max), 0 off the kept set (fusion.reweight),
-    4. draws one rank ∝ w from Philox randomness (tl.rand) and writes its token id
-       (∝ the plain kept p instead, flagged as a fault, if w is not usable: NaN/Inf/all 0).
+       with z read from the row's logits at the candidates' ids;
+    4. draws one rank ∝ w from Philox randomness (tl.rand) and writes its token id into the
+       batch's output row (∝ the plain kept p instead, flagged as a fault, if w is not usable);
+    5. measures the novelty signal of the row (signal.ROW: the prediction error, KL(q ‖ p),
+       mean |z - d|, the entropies, the total variation and its share on the top 3).
 
-That is one launch instead of filter + gather-dot + fuse + softmax + multinomial, and
-the [N, K] intermediates never leave the chip. `sgl_esamp.fusion.fused_draw_torch` is
-the reference it is tested against.
+One launch instead of filter + gather-dot + fuse + softmax + multinomial + signal, and the
+[n, K] intermediates never leave the chip. `sgl_esamp.fusion.fused_draw_torch` is the
+reference it is tested against.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..candidates import greedy_as_top1
-from ..fusion import MAX_DRAW_K, DrawResult
+from ..signal import ROW, TOP
+from ..step import MAX_DRAW_K, DrawInputs, DrawResult, Sampled
 from .fusion import candidate_head_dot
 
+SAMPLING_EPS = 1e-6  # candidates.SAMPLING_EPS: below it a temperature means greedy
 TILE_ELEMENTS = 8192  # BLOCK_K * BLOCK_H: bounds the gathered [K, H] tile per loop step
 
 
 @triton.jit
 def _esamp_draw_kernel(
-    probs_ptr,
-    ids_ptr,
-    z_ptr,
-    pred_ptr,
-    head_ptr,
-    betas_ptr,
-    temps_ptr,
-    top_ks_ptr,
-    top_ps_ptr,
-    min_ps_ptr,
-    tokens_ptr,
-    weights_ptr,
-    d_ptr,
-    kept_ptr,
-    fault_ptr,
-    philox_ptr,
-    K,
-    H,
-    head_stride,
-    D_OVER_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    probs_ptr, ids_ptr, logits_ptr, pred_ptr, target_ptr, pairs_ptr, batch_rows_ptr, head_ptr, betas_ptr,
+    temps_ptr, top_ks_ptr, top_ps_ptr, min_ps_ptr,
+    out_ptr, tokens_ptr, weights_ptr, d_ptr, kept_ptr, fault_ptr, signal_ptr, philox_ptr,
+    K, H, logits_stride, head_stride,
+    D_OVER_T: tl.constexpr, HAS_OUT: tl.constexpr, TOP_RANKS: tl.constexpr, SIGNAL_COLS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may exceed 2^31 for big batches
+    batch_row = tl.load(batch_rows_ptr + row)
+    pair = tl.load(pairs_ptr + row)
     offs_k = tl.arange(0, BLOCK_K)
     in_k = offs_k < K
     p = tl.load(probs_ptr + row * K + offs_k, mask=in_k, other=0.0).to(tl.float32)
 
-    # 1. The kept set, step for step as filter_probs (the zeroing order and the
-    # "zero where the test holds" form matter for NaN and boundary cases).
-    top_k = tl.load(top_ks_ptr + row)
-    top_p = tl.load(top_ps_ptr + row)
-    min_p = tl.load(min_ps_ptr + row)
+    # 1. The kept set, step for step as filter_probs (the zeroing order and the "zero where
+    # the test holds" form matter for NaN and boundary cases); greedy rows keep rank 0 at T 1.
+    temp = tl.load(temps_ptr + batch_row).to(tl.float32)
+    greedy = temp < SAMPLING_EPS
+    temp = tl.where(greedy, 1.0, temp)
+    top_k = tl.where(greedy, 1, tl.load(top_ks_ptr + batch_row).to(tl.int64))
+    top_p = tl.load(top_ps_ptr + batch_row).to(tl.float32)
+    min_p = tl.load(min_ps_ptr + batch_row).to(tl.float32)
     probs_sum = tl.cumsum(p, axis=0)  # on the unfiltered probabilities, as SGLang does
     f = tl.where(in_k & (offs_k < top_k), p, 0.0)
     f = tl.where((probs_sum - f) > top_p, 0.0, f)
@@ -69,15 +65,13 @@ def _esamp_draw_kernel(
     f = tl.where(f < p0 * min_p, 0.0, f)
     kept = f > 0
 
-    # 2. d = W_head[id] · ŷ, reading LM-head rows of kept ranks only (ŷ already in the
-    # head's dtype; fp32 accumulation).
-    ids = tl.load(ids_ptr + row * K + offs_k, mask=kept, other=0)
-    d = candidate_head_dot(ids, kept, pred_ptr + row * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
+    # 2. d = W_head[id] · ŷ, reading LM-head rows of kept ranks only (fp32 ŷ, fp32 accumulation).
+    ids = tl.load(ids_ptr + row * K + offs_k, mask=in_k, other=0)
+    d = candidate_head_dot(ids, kept, pred_ptr + pair * H, head_ptr, H, head_stride, BLOCK_K, BLOCK_H)
 
     # 3. w = p · exp(shift - max over kept), shift = β (z - s·d) / T (fusion.reweight).
-    z = tl.load(z_ptr + row * K + offs_k, mask=kept, other=0.0).to(tl.float32)
-    beta = tl.load(betas_ptr + row)
-    temp = tl.load(temps_ptr + row)
+    z = tl.load(logits_ptr + row * logits_stride + ids, mask=kept, other=0.0).to(tl.float32)
+    beta = tl.load(betas_ptr + row).to(tl.float32)
     if D_OVER_T:
         shift = beta * (z - d) / temp
     else:
@@ -93,81 +87,91 @@ def _esamp_draw_kernel(
 
     # 4. Exponential race: argmax w / E with E ~ Exp(1) picks rank k with probability
     # w_k / Σw (equivalent to Gumbel-max) with no normalisation and no cumulative sum.
-    # Only positive weights compete, so a NaN or underflowed weight is never drawn; if
-    # none is positive (greedy row with an absurd β, empty row) rank 0 is returned.
+    # Only positive weights compete; if none is positive (an empty row) rank 0 is returned.
     seed = tl.load(philox_ptr)
-    offset = tl.load(philox_ptr + 1)  # read on the device: a CUDA graph replays with fresh counters
+    offset = tl.load(philox_ptr + 1)  # read on the device: advanced there after each step
     u = tl.rand(seed, offset + row * K + offs_k)  # Philox; each row its own counters
     e = -tl.log(u)  # u in [0, 1]: e in [0, inf]; e = 0 gives key inf, which still is a kept rank
     key = tl.where(w > 0, w / e, -1.0)
-    best = tl.argmax(key, axis=0)
-    rank = tl.where(tl.max(key, axis=0) >= 0, best, 0)
+    rank = tl.where(tl.max(key, axis=0) >= 0, tl.argmax(key, axis=0), 0)
+    rank = tl.where(greedy, 0, rank)
+    token = tl.sum(tl.where(offs_k == rank, ids, 0), axis=0)
+
+    # 5. The signal (signal.row_signal).
+    p_n = f / tl.maximum(tl.sum(f, axis=0), 1e-30)
+    q_n = w / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    log_q = tl.log(tl.where(q_n > 0, q_n, 1.0))
+    log_p = tl.log(tl.where(p_n > 0, p_n, 1.0))
+    kl = tl.sum(tl.where(q_n > 0, q_n * (log_q - log_p), 0.0), axis=0)
+    n_kept = tl.sum(tl.where(kept, 1.0, 0.0), axis=0)
+    gap = tl.sum(tl.where(kept, tl.abs(z - d), 0.0), axis=0) / tl.maximum(n_kept, 1.0)
+    entropy_p = -tl.sum(tl.where(p_n > 0, p_n * log_p, 0.0), axis=0)
+    entropy_q = -tl.sum(tl.where(q_n > 0, q_n * log_q, 0.0), axis=0)
+    moved = tl.abs(q_n - p_n) * 0.5
+    tv = tl.sum(moved, axis=0)
+    tv_top = tl.sum(tl.where(offs_k < TOP_RANKS, moved, 0.0), axis=0)
+    error = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        in_h = offs_h < H
+        y_hat = tl.load(pred_ptr + pair * H + offs_h, mask=in_h, other=0.0).to(tl.float32)
+        y = tl.load(target_ptr + pair * H + offs_h, mask=in_h, other=0.0).to(tl.float32)
+        error += (y_hat - y) * (y_hat - y)
+    error = tl.sum(error, axis=0) / H
 
     tl.store(weights_ptr + row * K + offs_k, w, mask=in_k)
     tl.store(d_ptr + row * K + offs_k, d, mask=in_k)
     tl.store(kept_ptr + row * K + offs_k, f, mask=in_k)
-    tl.store(fault_ptr + row, tl.where(usable, 0, 1))
-    tl.store(tokens_ptr + row, tl.load(ids_ptr + row * K + rank))
+    tl.store(fault_ptr + row, usable == 0)
+    tl.store(tokens_ptr + row, token)
+    if HAS_OUT:
+        tl.store(out_ptr + batch_row, token.to(out_ptr.dtype.element_ty))
+    signal_row = signal_ptr + row * SIGNAL_COLS  # the columns of signal.ROW
+    tl.store(signal_row, error)
+    tl.store(signal_row + 1, kl)
+    tl.store(signal_row + 2, gap)
+    tl.store(signal_row + 3, entropy_p)
+    tl.store(signal_row + 4, entropy_q)
+    tl.store(signal_row + 5, tv)
+    tl.store(signal_row + 6, tv_top)
 
 
 def fused_draw_triton(
-    probs_sorted: torch.Tensor,
-    token_ids: torch.Tensor,
-    z: torch.Tensor,
-    prediction: torch.Tensor,
+    inputs: DrawInputs,
+    sampled: Sampled,
     lm_head_weight: torch.Tensor,
-    betas: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    min_ps: torch.Tensor,
+    *,
     philox: torch.Tensor,
     d_over_temperature: bool = True,
+    out: Optional[torch.Tensor] = None,
 ) -> DrawResult:
-    """Same contract as fusion.fused_draw_torch, drawing with Philox(seed, offset + row·K + k)
-    for philox = [seed, offset] (int64, on the device).
-
-    A call uses counters offset .. offset + N·K - 1: advance offset by at least N·K
-    between calls with the same seed (ESampSampler does, on the device).
-    """
-    N, K = probs_sorted.shape
-    H = prediction.shape[-1]
+    """Same contract as fusion.fused_draw_torch, drawing with Philox(seed, offset + row·K + k) for
+    philox = [seed, offset] (int64, on the device). A call uses counters offset .. offset + n·K - 1:
+    advance offset by at least n·K between calls with the same seed (the training step does,
+    on the device)."""
+    probs_sorted, token_ids, logits, filters = inputs
+    n, K = probs_sorted.shape
+    H = sampled.prediction.shape[-1]
     if K > MAX_DRAW_K:
         raise ValueError(f"fused_draw_triton handles K <= {MAX_DRAW_K} candidates, got {K}")
     if lm_head_weight.stride(1) != 1:
         raise ValueError("draw kernel needs a row-major LM-head weight")
-    temps, top_ks = greedy_as_top1(temperatures, top_ks)
     device = probs_sorted.device
-    tokens = torch.empty(N, device=device, dtype=torch.int64)
-    weights = torch.empty(N, K, device=device, dtype=torch.float32)
+    tokens = torch.empty(n, device=device, dtype=torch.int64)
+    weights = torch.empty(n, K, device=device, dtype=torch.float32)
     d, kept = torch.empty_like(weights), torch.empty_like(weights)
-    faults = torch.empty(N, device=device, dtype=torch.int64)
-    if N == 0:
-        return DrawResult(tokens, weights, d, kept, faults.bool())
+    faults = torch.empty(n, device=device, dtype=torch.bool)
+    signal = torch.empty(n, len(ROW), device=device, dtype=torch.float32)
+    if n == 0:
+        return DrawResult(tokens, weights, d, kept, faults, signal)
     block_k = triton.next_power_of_2(K)
     block_h = max(16, min(128, TILE_ELEMENTS // block_k))
-    _esamp_draw_kernel[(N,)](
-        probs_sorted.float().contiguous(),
-        token_ids.to(torch.int64).contiguous(),
-        z.float().contiguous(),
-        prediction.to(lm_head_weight.dtype).contiguous(),
-        lm_head_weight,
-        betas.float().contiguous(),
-        temps.float().contiguous(),
-        top_ks.to(torch.int64).contiguous(),
-        top_ps.float().contiguous(),
-        min_ps.float().contiguous(),
-        tokens,
-        weights,
-        d,
-        kept,
-        faults,
-        philox,
-        K,
-        H,
-        lm_head_weight.stride(0),
-        D_OVER_T=d_over_temperature,
-        BLOCK_K=block_k,
-        BLOCK_H=block_h,
+    _esamp_draw_kernel[(n,)](
+        probs_sorted, token_ids, logits, sampled.prediction, sampled.target, sampled.pairs, sampled.batch_rows,
+        lm_head_weight, sampled.betas, *(t.view(-1) for t in filters),
+        tokens if out is None else out, tokens, weights, d, kept, faults, signal, philox,
+        K, H, logits.stride(0), lm_head_weight.stride(0),
+        D_OVER_T=d_over_temperature, HAS_OUT=out is not None, TOP_RANKS=TOP, SIGNAL_COLS=len(ROW),
+        BLOCK_K=block_k, BLOCK_H=block_h,
     )
-    return DrawResult(tokens, weights, d, kept, faults.bool())
+    return DrawResult(tokens, weights, d, kept, faults, signal)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ..candidates import Candidates, sampling_temperatures
-from ..fusion import Fused, reweight, shift_scale
+from ..fusion import reweight, shift_scale
+from ..step import Fused
 
 BLOCK_K = 16
 BLOCK_H = 128
@@ -96,7 +97,7 @@ def fuse_candidates_triton(
         weights,
         token_ids.contiguous(),
         z.contiguous(),
-        prediction.to(lm_head_weight.dtype).contiguous(),
+        prediction.float().contiguous(),
         lm_head_weight,
         betas.float().contiguous(),
         temps,

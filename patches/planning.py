@@ -1,0 +1,134 @@
+"""Host planning of one forward step: which of SGLang's rows ESamp takes, per variant.
+
+For every request of the batch that ESamp samples (request_params.resolve), its group gets a
+slot, and the step's rows become the layout's two kinds (sgl_esamp/layout.py):
+
+* pair rows, the tokens whose (x, y) the group's Distiller predicts and learns from: in a
+  decode step the request's one token; in a prefill (extend) step the new prompt tokens
+  within the group's budget (`prefill_pairs`, the last tokens of the prompt first; chunked
+  prompts are budgeted across their chunks), plus the last one, which is predicted to draw
+  even when it is not learnt;
+* sampled rows, drawn by ESamp: the request's last token when SGLang samples it (not for
+  the n > 1 warm-up request, which only prefills, nor for a prompt chunk before its last),
+  when its β > 0. A β = 0 row is drawn by SGLang's own sampler, exactly as a plain row
+  (fusion at β = 0 is the identity), and its pair still trains the group's Distiller.
+
+It also keeps the per-request books the responses report (`Members`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from sgl_esamp import ESampConfig, ESampSampler, PairRow, SampledRow, Variant, VARIANTS
+
+from . import request_params
+
+RELEASED_MEMORY = 4096  # rids remembered as finished: overlap scheduling samples them once more
+
+
+def request_esamp(req: Any) -> request_params.RequestESamp:
+    """Per-request decision, computed once (greedy requests have top_k == 1 after normalize)."""
+    cached = getattr(req, "_esamp", None)
+    if cached is None:
+        sp = req.sampling_params
+        cached = req._esamp = request_params.resolve(sp.custom_params, sp.top_k > 1)
+    return cached
+
+
+def samples_tokens(req: Any, prefix_len: int, new_tokens: int, extend: bool) -> bool:
+    """Whether SGLang keeps the token it samples for this request in this step: not for the
+    n > 1 warm-up request (max_new_tokens = 0: it only prefills the prompt), nor for a prompt
+    chunk before the last."""
+    if req.sampling_params.max_new_tokens == 0:
+        return False
+    return not extend or prefix_len + new_tokens >= req.seqlen
+
+
+@dataclass
+class Members:
+    """Per-request books across steps: each request's group, the tokens ESamp drew for it or
+    left to plain sampling, and the requests that already finished."""
+
+    group: dict[str, tuple[str, str]] = field(default_factory=dict)  # rid -> (variant, group)
+    tokens: dict[str, Counter] = field(default_factory=dict)
+    released: OrderedDict = field(default_factory=OrderedDict)
+    fallback_tokens: int = 0
+
+    def count(self, rid: str, key: str) -> None:
+        self.tokens.setdefault(rid, Counter())[key] += 1
+        if key == "fallback_tokens":
+            self.fallback_tokens += 1
+
+    def finish(self, rid: str) -> tuple[Optional[tuple[str, str]], Counter]:
+        """A request ended: its (variant, group) and token counts, forgotten here."""
+        self.released[rid] = None
+        if len(self.released) > RELEASED_MEMORY:
+            self.released.popitem(last=False)
+        return self.group.pop(rid, None), self.tokens.pop(rid, Counter())
+
+
+@dataclass
+class VariantPlan:
+    """One variant's rows in a step, on the host."""
+
+    variant: Variant
+    engine: ESampSampler
+    pairs: list[PairRow] = field(default_factory=list)
+    sampled: list[SampledRow] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # the group of each pair row
+
+
+def plan_step(batch: Any, config: ESampConfig, members: Members,
+              engine_of: Callable[[Variant], ESampSampler]) -> list[VariantPlan]:
+    """The variants' plans for SGLang's forward batch (empty: ESamp takes no row)."""
+    reqs = getattr(batch, "_esamp_reqs", None)
+    if not reqs:
+        return []
+    wanted = [i for i, req in enumerate(reqs)
+              if request_esamp(req).enabled and not req.finished() and req.rid not in members.released]
+    if not wanted:
+        return []
+    extend = batch.forward_mode.is_extend()
+    if extend:  # the hidden states cover every newly extended token, request after request
+        lengths, prefixes = batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu
+        starts = [0, *itertools.accumulate(lengths)]
+    else:
+        lengths, prefixes, starts = [1] * len(reqs), [0] * len(reqs), list(range(len(reqs) + 1))
+    by_variant: dict[Variant, list[int]] = {}
+    for i in wanted:
+        by_variant.setdefault(VARIANTS[request_esamp(reqs[i]).variant or config.variant], []).append(i)
+    plans = []
+    for variant, rows in by_variant.items():
+        engine = engine_of(variant)
+        plan = VariantPlan(variant, engine)
+        groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in rows]
+        slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, rows)])
+        for i, group, slot in zip(rows, groups, slots):
+            req, params = reqs[i], request_esamp(reqs[i])
+            sampled = samples_tokens(req, prefixes[i], lengths[i], extend)
+            if slot is None:  # the bank is full of busy groups: plain sampling this step
+                if sampled:
+                    members.count(req.rid, "fallback_tokens")
+                continue
+            members.group[req.rid] = (variant.name, group)
+            budget = config.prefill_pairs if params.prefill_pairs is None else params.prefill_pairs
+            end = starts[i] + lengths[i]
+            # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
+            first = starts[i] + max(0, req.seqlen - budget - prefixes[i]) if extend else starts[i]
+            learnt = range(min(first, end), end)
+            plan.pairs += [PairRow(row, slot, True) for row in learnt]
+            beta = config.beta if params.beta is None else params.beta
+            if sampled and beta > 0:
+                if not learnt:  # the last token is predicted to draw, not learnt
+                    plan.pairs.append(PairRow(end - 1, slot, False))
+                plan.sampled.append(SampledRow(i, len(plan.pairs) - 1, beta))
+            plan.groups += [group] * (len(plan.pairs) - len(plan.groups))
+            if sampled:
+                members.count(req.rid, "esamp_tokens")
+        if plan.pairs:
+            plans.append(plan)
+    return plans

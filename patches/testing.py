@@ -1,0 +1,144 @@
+"""Test-only hooks, switched on by environment variables in the server process.
+
+`ESAMP_TEST_DUMP_TAPS=<dir>`: every call of `Taps.states` (what a variant's Distiller is
+handed) is written to `<dir>/taps-<pid>-<n>.pt` (torch.save, n counting from 0 in call
+order) as a dict:
+
+  variant       the variant's name
+  mode          "extend" (prefill) or "decode": the forward mode of the batch; "unbound"
+                for a call outside a model forward (the backend's start-up warm-up)
+  rids          [rows] the request id of each tapped row (None when unbound)
+  positions     [rows] int64, the row's position in its request's sequence (-1 when unbound)
+  input_ids     [rows] int64, the token the model was fed at that row
+  index         [rows] int64, the rows asked for (rows of the forward's tokens)
+  x, y          [rows, H] float32, the (shallow, deep) states `states` returned
+
+so a test can line every row up with a reference forward over the request's tokens
+(tests/test_taps.py). The forward batch is that of the `ModelRunner.forward` or
+`ModelRunner.sample` call running (held by AROUND hooks this module registers, outside the
+plugin's own, so also during their AFTER hooks); the row's request follows from
+SGLang's layout: an extend batch lays its requests' new tokens out one request after
+the other (`extend_seq_lens_cpu`), a decode batch has one row per request.
+
+`ESAMP_TEST_FAULT_GROUP=<group id>`: every step writes NaN into the shallow states of that
+group's pair rows (a Distiller fault as NaN/Inf activations would cause it), to check that a
+faulty group samples plainly and restarts while the others train on (tests/test_reliability.py).
+
+Unset (the default), `install()` does nothing: no wrapper, no hook, no cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+DUMP_TAPS_ENV = "ESAMP_TEST_DUMP_TAPS"
+FAULT_GROUP_ENV = "ESAMP_TEST_FAULT_GROUP"
+
+_forward_batch: list[Any] = [None]  # the batch of the ModelRunner.forward / .sample running now
+
+
+def _bound(position: int):
+    """An AROUND hook that holds the call's forward batch (argument `position`) while it runs."""
+
+    def hook(original: Any, model_runner: Any, *args: Any, **kwargs: Any) -> Any:
+        previous = _forward_batch[0]
+        _forward_batch[0] = kwargs["forward_batch"] if "forward_batch" in kwargs else args[position]
+        try:
+            return original(model_runner, *args, **kwargs)
+        finally:
+            _forward_batch[0] = previous
+
+    return hook
+
+
+def _row_rids(forward_batch: Any) -> list[str]:
+    """The request id of every token row of the forward."""
+    rids = list(forward_batch.rids or [])
+    if forward_batch.forward_mode.is_extend():
+        lens = forward_batch.extend_seq_lens_cpu
+        return [rid for rid, n in zip(rids, lens) for _ in range(int(n))]
+    return rids
+
+
+def _record(variant: Any, input_ids: Any, index: Any, x: Any, y: Any) -> dict:
+    import torch
+
+    batch = _forward_batch[0]
+    rows = index.detach().cpu().long()
+    if batch is None or batch.input_ids.shape != input_ids.shape or not torch.equal(batch.input_ids, input_ids):
+        # not a model forward's rows (the backend's start-up warm-up): no request, no position
+        mode, rids, positions = "unbound", [None] * len(rows), torch.full((len(rows),), -1)
+    else:
+        mode = "extend" if batch.forward_mode.is_extend() else "decode" if batch.forward_mode.is_decode() else str(batch.forward_mode)
+        row_rids = _row_rids(batch)
+        rids, positions = [row_rids[i] for i in rows.tolist()], batch.positions.detach().cpu().long()[rows]
+    return {
+        "variant": variant.name,
+        "mode": mode,
+        "rids": rids,
+        "positions": positions,
+        "input_ids": input_ids.detach().cpu().long()[rows],
+        "index": rows,
+        "x": x.detach().float().cpu().clone(),
+        "y": y.detach().float().cpu().clone(),
+    }
+
+
+def _install_dump_taps(directory: Path) -> None:
+    import torch
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from .taps import Taps
+
+    original = Taps.states
+    if getattr(original, "_esamp_dump", False):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    counter = itertools.count()
+
+    def states(self, variant, logits_output, input_ids, index):
+        x, y = original(self, variant, logits_output, input_ids, index)
+        record = _record(variant, input_ids, index, x, y)
+        path = directory / f"taps-{os.getpid()}-{next(counter):06d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(record, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+        return x, y
+
+    states._esamp_dump = True
+    Taps.states = states
+    runner = "sglang.srt.model_executor.model_runner.ModelRunner"
+    HookRegistry.register(f"{runner}.forward", _bound(0), HookType.AROUND)  # (forward_batch, ...)
+    HookRegistry.register(f"{runner}.sample", _bound(1), HookType.AROUND)  # (logits_output, forward_batch)
+
+
+def _install_fault_group(group: str) -> None:
+    import torch
+
+    from .sampler_backend import ESampBackend
+
+    original = ESampBackend._capture
+
+    def capture(self, plan, logits_output):
+        step = original(self, plan, logits_output)
+        slot = plan.engine.groups.slot_of(group)
+        if slot is None or group not in plan.groups:
+            return step
+        layout = step.layout
+        poisoned = (layout.distinct.index_select(0, layout.segment) == slot).unsqueeze(1)
+        return step._replace(shallow=torch.where(poisoned, float("nan"), step.shallow))
+
+    ESampBackend._capture = capture
+
+
+def install() -> None:
+    """Install the test hooks whose environment variables are set (none by default)."""
+    directory = os.environ.get(DUMP_TAPS_ENV)
+    if directory:
+        _install_dump_taps(Path(directory))
+    group = os.environ.get(FAULT_GROUP_ENV)
+    if group:
+        _install_fault_group(group)
