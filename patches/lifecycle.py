@@ -81,7 +81,7 @@ def _stream_output(original, streamer, reqs, *args, **kwargs):
     if sampler is not None:
         for req in reqs:
             if req.finished() and not req.finished_output:
-                stats = sampler.finish(req.rid)
+                stats = sampler.finish(req.rid, len(req.output_ids))
                 if stats is not None:
                     req.customized_info = {**(req.customized_info or {}), META_KEY: [stats]}
         metrics.publish(sampler.server_stats)

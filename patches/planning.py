@@ -55,20 +55,31 @@ class Members:
 
     group: dict[str, tuple[str, str]] = field(default_factory=dict)  # rid -> (variant, group)
     tokens: dict[str, Counter] = field(default_factory=dict)
+    drawn: dict[str, list[str]] = field(default_factory=dict)  # rid -> the kinds of its last draws, newest last
     released: OrderedDict = field(default_factory=OrderedDict)
     fallback_tokens: int = 0
 
     def count(self, rid: str, key: str) -> None:
         self.tokens.setdefault(rid, Counter())[key] += 1
+        recent = self.drawn.setdefault(rid, [])
+        recent.append(key)
+        del recent[:-2]
         if key == "fallback_tokens":
             self.fallback_tokens += 1
 
-    def finish(self, rid: str) -> tuple[Optional[tuple[str, str]], Counter]:
-        """A request ended: its (variant, group) and token counts, forgotten here."""
+    def finish(self, rid: str, output_tokens: Optional[int] = None) -> tuple[Optional[tuple[str, str]], Counter]:
+        """A request ended: its (variant, group) and token counts, forgotten here. `output_tokens`:
+        the tokens SGLang kept; with overlap scheduling the step after a request's last token
+        was already running and sampled it once more, a token SGLang drops: so do the counts."""
         self.released[rid] = None
         if len(self.released) > RELEASED_MEMORY:
             self.released.popitem(last=False)
-        return self.group.pop(rid, None), self.tokens.pop(rid, Counter())
+        counts, recent = self.tokens.pop(rid, Counter()), self.drawn.pop(rid, [])
+        while output_tokens is not None and sum(counts.values()) > output_tokens and recent:
+            key = recent.pop()
+            counts[key] -= 1
+            self.fallback_tokens -= key == "fallback_tokens"
+        return self.group.pop(rid, None), +counts
 
 
 @dataclass

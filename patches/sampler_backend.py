@@ -318,9 +318,10 @@ class ESampBackend(Sampler):
         batch_next_token_ids.copy_(low)
 
     # -- lifecycle and observability ---------------------------------------------------------------
-    def finish(self, rid: str) -> Optional[dict]:
-        """A request ended (finished or aborted): its stats; its group is retained if it was the last member."""
-        member, counts = self.members.finish(rid)
+    def finish(self, rid: str, output_tokens: Optional[int] = None) -> Optional[dict]:
+        """A request ended (finished or aborted): its stats; its group is retained if it was the last
+        member. output_tokens: the tokens SGLang kept of it (the counts are trimmed to them)."""
+        member, counts = self.members.finish(rid, output_tokens)
         if member is None:
             return {"enabled": False, **counts} if counts else None
         variant, group = member

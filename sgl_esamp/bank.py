@@ -21,6 +21,7 @@ from typing import Hashable, Optional
 
 
 EVICTED_MEMORY = 4096  # evicted group keys remembered
+STALE_STEPS = 64  # steps without a row after which a group with members may be evicted
 
 
 @dataclass
@@ -81,9 +82,10 @@ class GroupBank:
     def _take_slot(self) -> Optional[int]:
         if self.free_slots:
             return self.free_slots.pop()
-        idle = [(key, state) for key, state in self.groups.items() if state.last_step < self.step]  # LRU first
-        retained = [(key, state) for key, state in idle if not state.members]
-        for key, state in retained or idle:
+        # least recently used first: groups no request runs in, else groups stuck for STALE_STEPS
+        retained = [(key, state) for key, state in self.groups.items() if not state.members]
+        stale = [(key, state) for key, state in self.groups.items() if state.last_step <= self.step - STALE_STEPS]
+        for key, state in retained or stale:
             del self.groups[key]
             self.stats.groups_evicted += 1
             # remembered so that the group, if it comes back, can tell its client it restarted

@@ -83,7 +83,7 @@ class DistillerTrainer:
         update = (layout.learn_counts > 0) & ~fault
         restart = layout.fresh.bool() | fault
         steps = self._adamw(layout, forward.flat, grad, update, restart)
-        self._record(layout, steps, loss, update, fault, None if outcome is None else outcome.signal)
+        self._record(layout, steps, loss, update, fault, outcome)
 
     @staticmethod
     def _per_segment(layout: StepLayout, values: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,9 @@ class DistillerTrainer:
         return torch.where(layout.fresh.bool(), 0.0, self.stats[slots, S.STEPS])
 
     def _record(self, layout: StepLayout, steps_before: torch.Tensor, loss: torch.Tensor, update: torch.Tensor,
-                fault: torch.Tensor, signal: Optional[torch.Tensor]) -> None:
-        """The step's counts and signal into its slots' statistics (a new group's row starts at 0)."""
+                fault: torch.Tensor, outcome: Optional[Outcome]) -> None:
+        """The step's counts and signal into its slots' statistics (a new group's row starts at 0;
+        rows drawn plainly because their fused weights were unusable carry no signal)."""
         slots, fresh = layout.distinct, layout.fresh.bool()
         rows = torch.where(fresh.unsqueeze(1), 0.0, self.stats.index_select(0, slots))
         rows[:, S.GENERATION] = self.stats[slots, S.GENERATION] + fresh
@@ -126,8 +127,9 @@ class DistillerTrainer:
         rows[:, S.LOSS_SUM] += torch.where(update, loss, 0.0)
         rows[:, S.FAULTS] += fault
         rows[:, S.FAULT_RESETS] += fault
-        if signal is not None:
-            rows[:, S.SIGNAL:] += self._per_segment(layout, slot_sums(signal, steps_before[layout.sampled_segments]))
+        if outcome is not None:
+            sums = slot_sums(outcome.signal, steps_before[layout.sampled_segments])
+            rows[:, S.SIGNAL:] += self._per_segment(layout, torch.where(outcome.faults.unsqueeze(1), 0.0, sums))
         self.stats.index_copy_(0, slots, rows)
 
     # -- asynchronous use -------------------------------------------------------------

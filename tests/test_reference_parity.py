@@ -49,41 +49,50 @@ def test_init_is_the_authors_distribution():
     assert not torch.equal(init.A, init.G)
 
 
-def test_one_reference_step_fuses_and_trains_exactly_as_the_authors_formulas():
+def test_three_reference_steps_over_two_groups_fuse_and_train_exactly_as_the_authors_formulas():
+    """Three steps (past AdamW's first, where the update is about lr · sign(g)), two groups in
+    their own slots, each against its own float64 Distiller and torch.optim.AdamW."""
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
-    h0, h_last = rnd(N, H) * 0.1, rnd(N, H) * 3  # embedding-scale and deep-residual-scale inputs
     w0, w_last = 1 + 0.2 * rnd(H), 1 + 0.2 * rnd(H)
-    head, z = rnd(V, H) / H**0.5, rnd(N, V) * 2
+    head = rnd(V, H) / H**0.5
     T = torch.tensor([0.8, 0.5, 1.3], dtype=torch.float64)
     beta = torch.tensor([0.8, 0.1, 2.0], dtype=torch.float64)
     top_ps = torch.tensor([0.95, 0.9, 1.0])
+    rows = [("g", 0), ("g", 1), ("h", 2)]  # group g: rows 0 and 1; group h: row 2
 
     config = ESampConfig(variant="reference", rank=R, num_slots=2, lr=1e-3, state_dtype="float64", max_candidates=0)
     ours = ESampSampler(config, head)
-    layout = ours.decode_layout(ours.assign_slots([("g", i) for i in range(N)]), beta.tolist())
-    x, y = rms_norm(h0, w0, EPS).double(), rms_norm(h_last, w_last, EPS).double()
-    candidates = filter_candidates(z.float(), T.float(), torch.full((N,), 1 << 30), top_ps, torch.zeros(N))
-    fused = ours.fuse(ESampStep.tapped(layout, x, y), candidates, z.float().gather(1, candidates.token_ids), T.float())
-
     init = ours.distillers.init
-    authors = AuthorsDistiller(init.A, init.G, init.B)
-    src, tgt = authors_rms_norm(h0, w0), authors_rms_norm(h_last, w_last)
-    torch.testing.assert_close(x, src, rtol=1e-6, atol=1e-6)  # rms_norm runs in float32
-    torch.testing.assert_close(y, tgt, rtol=1e-6, atol=1e-5)
-    with torch.no_grad():
-        d = authors(src) @ head.T
-    kept_ids = [candidates.token_ids[i][candidates.weights[i] > 0] for i in range(N)]
-    expected = authors_fused_probs(z, d, T, beta, kept_ids)
-    got = torch.zeros_like(z).scatter_(1, candidates.token_ids, (fused.weights / fused.weights.sum(-1, keepdim=True)).double())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    authors = {g: AuthorsDistiller(init.A, init.G, init.B) for g in ("g", "h")}
+    optimizers = {g: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01) for g, m in authors.items()}
+    for _ in range(3):
+        h0, h_last = rnd(N, H) * 0.1, rnd(N, H) * 3  # embedding-scale and deep-residual-scale inputs
+        z = rnd(N, V) * 2
+        layout = ours.decode_layout(ours.assign_slots(rows), beta.tolist())
+        x, y = rms_norm(h0, w0, EPS).double(), rms_norm(h_last, w_last, EPS).double()
+        candidates = filter_candidates(z.float(), T.float(), torch.full((N,), 1 << 30), top_ps, torch.zeros(N))
+        fused = ours.fuse(ESampStep.tapped(layout, x, y), candidates, z.float().gather(1, candidates.token_ids),
+                          T.float())
 
-    # the step trained on the rows' own (x, y): one AdamW step on the MSE, weight decay 0.01
-    opt = torch.optim.AdamW(authors.parameters(), lr=1e-3, weight_decay=0.01)
-    F.mse_loss(authors(x), y).backward()
-    opt.step()
-    mine = ours.distillers.slot_params(int(layout.distinct[0]))
-    for name, theirs in (("A", authors.A), ("G", authors.G), ("B", authors.B), ("b", authors.gate_bias),
-                         ("gain", authors.ln.weight), ("bias", authors.ln.bias)):
-        torch.testing.assert_close(mine[name], theirs.detach(), rtol=1e-9, atol=1e-12)
-    assert ours.group_stats("g")["variant"] == "reference"
+        src, tgt = authors_rms_norm(h0, w0), authors_rms_norm(h_last, w_last)
+        torch.testing.assert_close(x, src, rtol=1e-6, atol=1e-6)  # rms_norm runs in float32
+        torch.testing.assert_close(y, tgt, rtol=1e-6, atol=1e-5)
+        with torch.no_grad():
+            d = torch.stack([authors[g](src[i]) for i, (g, _) in enumerate(rows)]) @ head.T
+        kept_ids = [candidates.token_ids[i][candidates.weights[i] > 0] for i in range(N)]
+        expected = authors_fused_probs(z, d, T, beta, kept_ids)
+        got = torch.zeros_like(z).scatter_(1, candidates.token_ids,
+                                           (fused.weights / fused.weights.sum(-1, keepdim=True)).double())
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        for g, members in (("g", [0, 1]), ("h", [2])):  # each group trains on its own rows' (x, y)
+            optimizers[g].zero_grad()
+            F.mse_loss(authors[g](x[members]), y[members]).backward()
+            optimizers[g].step()
+
+    for g, model in authors.items():
+        mine = ours.distillers.slot_params(ours.groups.slot_of(g))
+        for name, theirs in (("A", model.A), ("G", model.G), ("B", model.B), ("b", model.gate_bias),
+                             ("gain", model.ln.weight), ("bias", model.ln.bias)):
+            torch.testing.assert_close(mine[name], theirs.detach(), rtol=1e-9, atol=1e-12)
+    assert ours.group_stats("g")["variant"] == "reference" and ours.group_stats("h")["train_steps"] == 3

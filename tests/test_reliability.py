@@ -41,9 +41,14 @@ def test_a_faulty_group_samples_plainly_restarts_fresh_and_leaves_the_others_alo
     faulty = [o["meta_info"]["esamp"] for o in results["faulty"]]
     healthy = [o["meta_info"]["esamp"] for o in results["healthy"]]
     assert all(o["meta_info"]["completion_tokens"] == 12 for o in results["faulty"])  # it still generated
-    assert max(i["fault_resets"] for i in faulty) >= 1
-    assert all(i["train_pairs"] <= 2 * 12 for i in faulty)  # poisoned steps were not trained on
+    assert all(i["esamp_tokens"] == 12 for i in faulty)  # ESamp's rows all the same ...
+    # ... every step of the group was poisoned: it trained on none of them, restarted after each,
+    # and every row was drawn from its plain probabilities (rows drawn plainly carry no signal)
+    assert all(i["train_steps"] == 0 and i["train_pairs"] == 0 and i["last_loss"] is None for i in faulty)
+    last = max(faulty, key=lambda i: i["faults"])
+    assert last["faults"] == last["fault_resets"] >= 12 and all(i["signal"] is None for i in faulty)
     assert all(i["faults"] == 0 and i["fault_resets"] == 0 and i["train_steps"] > 0 for i in healthy)
+    assert all(i["signal"]["rows"] > 0 and i["signal"]["mean_kl"] > 0 for i in healthy)  # fused, not plain
     assert all(i["last_loss"] is not None and i["last_loss"] == i["last_loss"] for i in healthy)  # finite
     assert wait_for(lambda: bank(faulty_server)["slots_used"] == 0)
     after = generate(faulty_server, "still serving?", max_new_tokens=4, custom_params={"sampling": "esamp"})
@@ -70,10 +75,28 @@ def test_mixed_traffic_with_disconnects_aborts_and_bad_input_leaves_no_trace(fau
     afterwards the bank and the member table are empty again."""
     from sgl_esamp.tools.traffic import mixed_round
 
+    before = bank(faulty_server)
     result = mixed_round(faulty_server.url, "burst", copies=3, distinct_groups=6, fault_group=POISONED)
     assert len(result.statuses) >= 3 * 8 + 6 and result.server_errors == 0, result.statuses
     assert len(result.bad) == 3 and result.bad_input_answered_well, result.bad
     assert len(result.faulty_meta) == 3 * 2 and all(m["enabled"] for m in result.faulty_meta)
+    assert all(m["fault_resets"] >= 1 and m["faults"] == m["fault_resets"] for m in result.faulty_meta)
     assert wait_for(lambda: bank(faulty_server)["slots_used"] == 0 and bank(faulty_server)["active_members"] == 0,
                     timeout=120)
+    # More groups at once than the bank has slots: rows past the bank are drawn plainly, and every
+    # ESamp response accounts for each of its tokens, drawn by ESamp or left to plain sampling.
+    metas = [(o["meta_info"].get("esamp"), o["meta_info"]["completion_tokens"]) for o in result.outputs]
+    counted = [(m, n) for m, n in metas if m is not None]
+    wrong = [(m, n) for m, n in counted if m.get("esamp_tokens", 0) + m.get("fallback_tokens", 0) != n]
+    assert counted and not wrong, [(str(m), n) for m, n in wrong]
+    fallback = sum(m.get("fallback_tokens", 0) for m, _ in counted)
+    after = bank(faulty_server)
+    assert fallback > 0 and after["fallback_tokens"] - before["fallback_tokens"] >= fallback  # cut streams add theirs
+    assert after["groups_evicted"] > before["groups_evicted"]
+    # A group that lost its slot is told so when it comes back, and restarts fresh.
+    for i in range(9):  # 9 new groups, one after the other, through an 8-slot bank: burst-g0's slot is reclaimed
+        generate(faulty_server, f"filler {i}", max_new_tokens=2, custom_params={"group_id": f"filler-{i}"})
+    back = generate(faulty_server, "burst group 0 again", max_new_tokens=2, custom_params={"group_id": "burst-g0"})
+    assert back["meta_info"]["esamp"]["evictions"] == 1 and back["meta_info"]["esamp"]["train_steps"] <= 2
+    assert bank(faulty_server)["groups_evicted"] >= after["groups_evicted"] + 2
     assert generate(faulty_server, "still serving?", max_new_tokens=4)["meta_info"]["completion_tokens"] == 4

@@ -8,6 +8,7 @@ The real server (CPU engine, tiny random Llama, `--tp-size 2`): ESamp requests o
 variants, beside plain ones, and the ranks never drew different tokens."""
 
 import threading
+from collections import deque
 
 import multiprocessing as mp
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, VocabShard
 from sgl_esamp.candidates import filter_candidates
+from sgl_esamp.mirror import HostMirror
 from test_server import bank, generate, wait_for
 
 WORLD, VOCAB, HIDDEN, STEPS = 2, 1003, 48, 5  # an odd vocabulary: shards of 502 and 501 rows
@@ -41,13 +43,33 @@ def step_inputs(step: int):
     return logits, shallow, deep, betas, temps, top_ks, top_ps, min_ps
 
 
-def run(head: torch.Tensor, variant: str, vocab_shard=None) -> dict:
-    """STEPS of sample() and fuse() on the same inputs; tokens, fused weights and final states."""
+class LaggingMirror(HostMirror):
+    """Reports the statistics as they were `lag` training steps ago, as a GPU's copies can arrive
+    late, by a different number of steps on each rank."""
+
+    def __init__(self, values: torch.Tensor, lag: int):
+        super().__init__(values)
+        self.history: deque = deque(maxlen=lag + 1)
+
+    def publish(self) -> None:
+        self.history.append(self.values.clone())
+
+    def read(self):
+        return self.history[0] if len(self.history) == self.history.maxlen else None
+
+
+def run(head: torch.Tensor, variant: str, vocab_shard=None, lag: int = 0, fault_step: int = -1) -> dict:
+    """STEPS of sample() and fuse() on the same inputs; tokens, fused weights and final states.
+    lag: the host mirror reports that many steps late; fault_step: group a's rows are NaN then."""
     config = ESampConfig(variant=variant, beta=1.0, rank=8, num_slots=4, max_candidates=64, seed=3)
     sampler = ESampSampler(config, head, vocab_shard=vocab_shard)
+    if lag:
+        sampler.mirror = LaggingMirror(sampler.trainer.stats, lag)
     tokens, weights = [], []
     for step in range(STEPS):
         logits, shallow, deep, betas, temps, top_ks, top_ps, min_ps = step_inputs(step)
+        if step == fault_step:
+            shallow[:3] = float("nan")  # group a's hidden states
         layout = sampler.decode_layout(sampler.assign_slots(ROWS), betas.tolist())
         esamp_step = ESampStep.tapped(layout, shallow, deep)
         filters = Filters(temps, top_ks, top_ps, min_ps)
@@ -80,6 +102,12 @@ def rank_main(rank: int, workdir: str) -> None:
         out = {variant: run(head[start:end].contiguous(), variant, shard) for variant in ("latent", "reference")}
         ids = torch.tensor([[0, 501, 502, 1002], [7, 600, 3, 999]])
         out["embedding_rows"] = shard.rows(head[start:end], ids)
+        out["fault"] = {variant: run(head[start:end].contiguous(), variant, shard, lag=1 + 2 * rank, fault_step=2)
+                        for variant in ("latent", "reference")}
+        from sgl_esamp.patches.sampler_backend import reconcile_token_ids
+
+        drawn = torch.tensor([5, 9, 3, 7, 11]) if rank == 0 else torch.tensor([5, 2, 3, 8, 11])
+        out["reconciled"] = reconcile_token_ids(drawn, None)
         torch.save(out, f"{workdir}/rank{rank}.pt")  # files: shared-memory tensors die with their process
     finally:
         dist.destroy_process_group()
@@ -115,6 +143,29 @@ def test_every_rank_holds_the_same_distiller(sharded):
         assert torch.equal(sharded[0][variant]["params"], sharded[1][variant]["params"])
 
 
+@pytest.mark.parametrize("variant", ["latent", "reference"])
+def test_a_fault_resets_its_slot_on_every_rank_at_the_same_step_whatever_the_host_mirrors_lag(sharded, variant):
+    """Rank 0's host mirror reports one step late, rank 1's three: the reset is decided on the
+    device from values both ranks share, so both stay bit for bit what one rank computes alone."""
+    alone = run(full_head(), variant, fault_step=2)
+    for rank in range(WORLD):
+        mine = sharded[rank]["fault"][variant]
+        for key in ("tokens", "weights", "params", "moments", "stats"):
+            assert torch.equal(mine[key], alone[key]), (rank, key)
+    from sgl_esamp import stats as S
+
+    faulty_slot = 0  # group a, the first assigned
+    assert alone["stats"][faulty_slot, S.FAULT_RESETS] == 1 and alone["stats"][faulty_slot, S.FAULTS] == 1
+    assert alone["stats"][faulty_slot, S.STEPS] == STEPS - 3  # restarted at step 2, then trained on
+    assert (alone["stats"][1:3, S.FAULTS] == 0).all()  # the other groups never faulted
+
+
+def test_the_ranks_take_the_smallest_id_drawn_and_count_the_rows_they_disagreed_on(sharded):
+    for rank in range(WORLD):
+        agreed, mismatches = sharded[rank]["reconciled"]
+        assert agreed.tolist() == [5, 2, 3, 7, 11] and int(mismatches) == 2
+
+
 def test_embedding_rows_from_shards(sharded):
     ids = torch.tensor([[0, 501, 502, 1002], [7, 600, 3, 999]])
     for rank in range(WORLD):
@@ -133,7 +184,8 @@ def test_shard_bounds_are_the_ones_the_engine_gave():
 def tp_server(request, tiny_model):
     from sgl_esamp.patches.launch import launch
 
-    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--tp-size", str(WORLD)])
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--tp-size", str(WORLD)],
+                    env={"ESAMP_TEST_FAULT_GROUP": "tp-faulty"})
     request.addfinalizer(server.stop)
     return server
 
@@ -151,6 +203,7 @@ def test_esamp_on_a_tensor_parallel_server(tp_server):
         "shared-b": dict(custom_params={"group_id": "tp-shared"}),
         "plain": dict(custom_params={"sampling": "plain"}),
         "greedy": dict(temperature=0.0),
+        "faulty": dict(n=2, custom_params={"group_id": "tp-faulty"}),  # NaN in its hidden states (test hook)
     }
     threads = [threading.Thread(target=run_request, args=(name,), kwargs=kw) for name, kw in requests_.items()]
     for t in threads:
@@ -163,8 +216,12 @@ def test_esamp_on_a_tensor_parallel_server(tp_server):
         assert all(i["faults"] == 0 and i["signal"]["rows"] > 0 for i in infos)
         assert all(o["meta_info"]["completion_tokens"] == 10 for o in results[name])
     assert results["shared-a"]["meta_info"]["esamp"]["slot"] == results["shared-b"]["meta_info"]["esamp"]["slot"]
+    faulty = [o["meta_info"]["esamp"] for o in results["faulty"]]
+    assert all(o["meta_info"]["completion_tokens"] == 10 for o in results["faulty"])  # it still generated
+    assert max(i["faults"] for i in faulty) >= 1 and max(i["fault_resets"] for i in faulty) >= 1
+    assert all(i["train_steps"] == 0 for i in faulty)  # every one of its steps was poisoned: none trained
     assert "esamp" not in results["plain"]["meta_info"]
     stats = bank(tp_server)
     assert stats["tp_size"] == WORLD
-    assert stats["tp_token_mismatches"] == 0  # the ranks' Distillers and draws never parted
+    assert stats["tp_token_mismatches"] == 0  # the ranks' Distillers, resets and draws never parted
     assert wait_for(lambda: bank(tp_server)["active_members"] == 0)

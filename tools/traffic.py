@@ -29,6 +29,7 @@ class RoundResult:
     statuses: list[int] = field(default_factory=list)
     bad: list[tuple[str, int, str]] = field(default_factory=list)  # (expected field, status, body)
     faulty_meta: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)  # every /generate sample that came back whole
     seconds: float = 0.0
 
     @property
@@ -66,11 +67,14 @@ def mixed_round(url: str, tag: str, *, copies: int = 4, distinct_groups: int = 0
 
     def post(path: str, body: dict, expect_field: Optional[str] = None) -> Optional[dict]:
         r = requests.post(url + path, json=body, timeout=timeout)
+        out = r.json() if r.ok else None
         with lock:
             result.statuses.append(r.status_code)
             if expect_field is not None:
                 result.bad.append((expect_field, r.status_code, r.text))
-        return r.json() if r.ok else None
+            if out is not None and path == "/generate":
+                result.outputs += out if isinstance(out, list) else [out]
+        return out
 
     def faulty(i: int) -> None:
         out = post("/generate", {"text": f"{tag} faulty {i}", "sampling_params": sampled(

@@ -54,7 +54,9 @@ def _decide_kernel(
         for i0 in range(0, n_sampled, BLOCK):
             offs = i0 + tl.arange(0, BLOCK)
             mine = (offs < n_sampled) & (tl.load(sampled_segments_ptr + offs, mask=offs < n_sampled, other=-1) == d)
-            fault |= tl.sum(tl.where(mine, tl.load(faults_ptr + offs, mask=mine, other=0).to(tl.int32), 0), axis=0) > 0
+            row_fault = tl.load(faults_ptr + offs, mask=mine, other=0) != 0
+            fault |= tl.sum(tl.where(mine & row_fault, 1, 0), axis=0) > 0
+            mine &= ~row_fault  # a row drawn plainly (unusable fused weights) carries no signal
             e = tl.load(signal_ptr + offs * SIGNAL_COLS, mask=mine, other=0.0).to(tl.float64)
             one = tl.where(mine, 1.0, 0.0).to(tl.float64)
             t = one * steps
