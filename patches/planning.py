@@ -7,7 +7,9 @@ slot, and the step's rows become the layout's two kinds (sgl_esamp/layout.py):
   decode step the request's one token; in a prefill (extend) step the new prompt tokens
   within the group's budget (`prefill_pairs`, the last tokens of the prompt first; chunked
   prompts are budgeted across their chunks), plus the last one, which is predicted to draw
-  even when it is not learnt;
+  even when it is not learnt. A group learns each prompt once: the n samples of a request
+  (and SGLang's warm-up request before them) prefill the same prompt, and only the first of
+  them to do so learns it;
 * sampled rows, drawn by ESamp: the request's last token when SGLang samples it (not for
   the n > 1 warm-up request, which only prefills, nor for a prompt chunk before its last),
   when its β > 0. A β = 0 row is drawn by SGLang's own sampler, exactly as a plain row
@@ -54,6 +56,8 @@ class Members:
     left to plain sampling, and the requests that already finished."""
 
     group: dict[str, tuple[str, str]] = field(default_factory=dict)  # rid -> (variant, group)
+    # (variant, group) -> {prompt: the rid that learns it}, the groups least recently planned first
+    prompts: OrderedDict = field(default_factory=OrderedDict)
     tokens: dict[str, Counter] = field(default_factory=dict)
     drawn: dict[str, list[str]] = field(default_factory=dict)  # rid -> the kinds of its last draws, newest last
     released: OrderedDict = field(default_factory=OrderedDict)
@@ -80,6 +84,18 @@ class Members:
             counts[key] -= 1
             self.fallback_tokens -= key == "fallback_tokens"
         return self.group.pop(rid, None), +counts
+
+    def learns_prompt(self, key: tuple[str, str], req: Any, fresh: bool) -> bool:
+        """Whether `req` is the one request of its group to learn its prompt (the first to prefill
+        it since the group got its slot)."""
+        prompt = getattr(req, "_esamp_prompt", None)
+        if prompt is None:
+            prompt = req._esamp_prompt = hash(tuple(req.origin_input_ids))
+        learners = {} if fresh else self.prompts.pop(key, {})
+        self.prompts[key] = learners
+        if len(self.prompts) > RELEASED_MEMORY:
+            self.prompts.popitem(last=False)
+        return learners.setdefault(prompt, req.rid) == req.rid
 
 
 @dataclass
@@ -116,6 +132,7 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
     for variant, rows in by_variant.items():
         engine = engine_of(variant)
         plan = VariantPlan(variant, engine)
+        started: set[str] = set()  # groups seen in this step
         groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in rows]
         slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, rows)])
         for i, group, slot in zip(rows, groups, slots):
@@ -127,6 +144,11 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
                 continue
             members.group[req.rid] = (variant.name, group)
             budget = config.prefill_pairs if params.prefill_pairs is None else params.prefill_pairs
+            if extend:
+                fresh = slot in engine.fresh_slots and group not in started  # a new Distiller: no prompt learnt
+                started.add(group)
+                if not members.learns_prompt((variant.name, group), req, fresh):
+                    budget = 0  # another request of the group learns this prompt
             end = starts[i] + lengths[i]
             # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
             first = starts[i] + max(0, req.seqlen - budget - prefixes[i]) if extend else starts[i]

@@ -20,6 +20,10 @@ plugin's own, so also during their AFTER hooks); the row's request follows from
 SGLang's layout: an extend batch lays its requests' new tokens out one request after
 the other (`extend_seq_lens_cpu`), a decode batch has one row per request.
 
+`ESAMP_TEST_DUMP_INIT=<dir>`: after the sampler's warm-up, each variant's initial Distiller
+weights (the flat row every slot starts from, and the shapes of its parts) are written to
+`<dir>/init-<pid>.pt`, so a test can check `--esamp-init` against the model's own weights.
+
 `ESAMP_TEST_FAULT_GROUP=<group id>`: every step writes NaN into the shallow states of that
 group's pair rows (a Distiller fault as NaN/Inf activations would cause it), to check that a
 faulty group samples plainly and restarts while the others train on (tests/test_reliability.py).
@@ -36,6 +40,7 @@ from typing import Any
 
 DUMP_TAPS_ENV = "ESAMP_TEST_DUMP_TAPS"
 FAULT_GROUP_ENV = "ESAMP_TEST_FAULT_GROUP"
+DUMP_INIT_ENV = "ESAMP_TEST_DUMP_INIT"
 
 _forward_batch: list[Any] = [None]  # the batch of the ModelRunner.forward / .sample running now
 
@@ -115,6 +120,22 @@ def _install_dump_taps(directory: Path) -> None:
     HookRegistry.register(f"{runner}.sample", _bound(1), HookType.AROUND)  # (logits_output, forward_batch)
 
 
+def _install_dump_init(directory: Path) -> None:
+    import torch
+
+    from .sampler_backend import ESampBackend
+
+    original = ESampBackend.warm_up
+
+    def warm_up(self, model_runner):
+        original(self, model_runner)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({name: {"init": engine.distillers.init_flat.detach().cpu(), "shapes": engine.distillers.shapes}
+                    for name, engine in self.engines.items()}, directory / f"init-{os.getpid()}.pt")
+
+    ESampBackend.warm_up = warm_up
+
+
 def _install_fault_group(group: str) -> None:
     import torch
 
@@ -142,3 +163,6 @@ def install() -> None:
     group = os.environ.get(FAULT_GROUP_ENV)
     if group:
         _install_fault_group(group)
+    directory = os.environ.get(DUMP_INIT_ENV)
+    if directory:
+        _install_dump_init(Path(directory))

@@ -46,3 +46,13 @@ def esamp_server(request, tiny_model):
 def non_esamp_server(request, tiny_model):
     """The plugin loaded, but the server started on the stock pytorch sampler."""
     return _server(request, tiny_model, esamp=False)
+
+
+@pytest.fixture(scope="session")
+def float32_server(request, tiny_model):
+    """`--sampler esamp` in float32 (comparable with HF transformers) with a small chunked-prefill
+    size (prompts longer than 64 tokens are prefilled in chunks) and no prefix cache (every
+    request prefills its whole prompt)."""
+    return _server(request, tiny_model, esamp=True,
+                   extra_args=["--esamp-slots", "8", "--dtype", "float32", "--chunked-prefill-size", "64",
+                               "--disable-radix-cache"])

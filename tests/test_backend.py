@@ -124,3 +124,18 @@ def test_esamp_adds_a_constant_handful_of_launches_to_a_decode_step(runtime, mon
             h.decode([harness.request(custom_params={"sampling": "plain"}) for _ in range(2 * rows)])
     assert esamp.syncs == {} or set(esamp.syncs) <= {"nonzero"}, esamp.syncs
     assert esamp.total - stock.total <= BUDGET, (esamp.by_name - stock.by_name)
+
+
+def test_the_same_sampling_seed_draws_the_same_tokens_esamp_rows_included(runtime, monkeypatch):
+    """Where SGLang honours a request's sampling_seed (deterministic inference, on the pytorch
+    backend): two fresh servers' samplers, the same seeds and batch, the same tokens; another seed, others."""
+    def run(seed_offset):
+        h = make(runtime, monkeypatch, "cpu")
+        batch = mixed_batch(top_p=0.9)
+        seed = torch.arange(len(batch), dtype=torch.int64) + seed_offset
+        with harness.seeded_standins():
+            return torch.stack([h.decode(batch, sampling_seed=seed, hidden=h.hidden(len(batch), seed=step))[0]
+                                for step in range(3)])
+    first, again, other = run(100), run(100), run(200)
+    assert torch.equal(first, again)
+    assert not torch.equal(first[:, :4], other[:, :4])  # the ESamp rows follow the seed too

@@ -73,3 +73,20 @@ def test_plain_and_greedy_requests_still_served(dp_server):
     greedy = generate(dp_server, "Greedy please", max_new_tokens=4, temperature=0.0)
     assert plain["meta_info"]["completion_tokens"] == greedy["meta_info"]["completion_tokens"] == 4
     assert wait_for(lambda: bank(dp_server)["active_members"] == 0)
+
+
+@pytest.mark.parametrize("how", ["body", "header"])
+def test_a_rank_the_client_chooses_wins_over_the_group_hash(dp_server, how):
+    import requests
+
+    group = group_ids_for_each_replica(1)[0][0]  # hashes to replica 0
+    body = {"text": "Pinned by the client", "sampling_params": {"temperature": 0.9, "max_new_tokens": 4, "n": 2,
+                                                                 "custom_params": {"group_id": group}}}
+    headers = {}
+    if how == "body":
+        body["routed_dp_rank"] = 1
+    else:
+        headers["X-Override-Routed-DP-Rank"] = "1"
+    response = requests.post(dp_server.url + "/generate", json=body, headers=headers, timeout=300)
+    assert response.status_code == 200, response.text
+    assert {o["meta_info"]["esamp"]["dp_rank"] for o in response.json()} == {1}

@@ -45,3 +45,25 @@ def test_two_programs_at_once_get_different_groups(backend, esamp_server):
 def test_bad_frontend_arguments_fail_in_the_callers_process(kwargs, field):
     with pytest.raises(ValueError, match=field):
         sgl.gen("x", **kwargs)
+
+
+@sgl.function
+def two_rounds(s):
+    s += "Two rounds of ideas:"
+    forks = s.fork(2)
+    forks += sgl.gen("first", max_tokens=6, temperature=0.9, sampling="esamp")
+    for f in forks:
+        f += " And another:"
+    forks += sgl.gen("second", max_tokens=6, temperature=0.9, sampling="esamp")
+    s["first"] = [f.get_meta_info("first")["esamp"] for f in forks]
+    s["second"] = [f.get_meta_info("second")["esamp"] for f in forks]
+
+
+def test_a_programs_forks_keep_one_distiller_across_gen_calls(backend, esamp_server):
+    state = two_rounds.run(backend=backend)
+    first, second = state["first"], state["second"]
+    assert len({i["group_id"] for i in first + second}) == 1 and len({i["slot"] for i in first + second}) == 1
+    # the second call's group went on from the first's Distiller: more steps, not a restart
+    assert min(i["train_steps"] for i in second) > max(i["train_steps"] for i in first)
+    assert all(i["evictions"] == 0 and i["fault_resets"] == 0 for i in second)
+    assert wait_for(lambda: bank(esamp_server)["slots_used"] == 0)

@@ -1,11 +1,14 @@
 """Plain rows and beta = 0 rows beside ESamp rows are token for token what stock SGLang draws,
-and ESamp itself is deterministic: same seed, same batch, same tokens.
+at any `--esamp-max-candidates` (β = 0 rows are drawn as plain rows: fusion at β = 0 is the
+identity, so they never meet the cap), and ESamp itself is deterministic: same seed, same
+batch, same tokens.
 
 Fresh servers with the same --random-seed get the same single batches (pre-tokenized, so
 SGLang sends each to the scheduler as one message; ignore_eos keeps every row in every
-step): two with the plugin on `--sampler esamp`, one without the plugin. (SGLang honours a
-request's `sampling_seed` only under --enable-deterministic-inference, which its CPU
-attention backend does not support; the server seed is what makes runs repeatable here.)
+step): ESamp servers at the default cap (two of them) and with no cap, and one without the
+plugin. (SGLang honours a request's `sampling_seed` only under
+--enable-deterministic-inference, which its CPU attention backend does not support; the
+server seed is what makes runs repeatable here; tests/test_backend.py checks the seeded draw.)
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -21,15 +24,16 @@ ROWS = 9
 
 @pytest.fixture(scope="module")
 def fresh_servers(tiny_model):
-    """(esamp, its twin, stock), all fresh, all with the same seed."""
-    esamp_args = SEED + ["--esamp-max-candidates", "0"]
-    with ThreadPoolExecutor(3) as pool:
-        starting = [pool.submit(launch, tiny_model, esamp=True, extra_args=esamp_args),
-                    pool.submit(launch, tiny_model, esamp=True, extra_args=esamp_args),
-                    pool.submit(launch, tiny_model, esamp=False, plugins=False, extra_args=SEED)]
-        servers = [s.result() for s in starting]
+    """{esamp, its twin, esamp without a cap, stock}, all fresh, all with the same seed."""
+    uncapped = SEED + ["--esamp-max-candidates", "0"]
+    with ThreadPoolExecutor(4) as pool:
+        starting = {"esamp": pool.submit(launch, tiny_model, esamp=True, extra_args=SEED),
+                    "twin": pool.submit(launch, tiny_model, esamp=True, extra_args=SEED),
+                    "uncapped": pool.submit(launch, tiny_model, esamp=True, extra_args=uncapped),
+                    "stock": pool.submit(launch, tiny_model, esamp=False, plugins=False, extra_args=SEED)}
+        servers = {name: s.result() for name, s in starting.items()}
     yield servers
-    for server in servers:
+    for server in servers.values():
         server.stop()
 
 
@@ -48,18 +52,18 @@ def batch(server, custom_params, **sampling):
 
 @pytest.mark.parametrize("filters", [{"top_p": 0.9}, {}], ids=["top_p", "temperature_only"])
 def test_plain_and_beta_zero_rows_match_a_server_without_the_plugin(fresh_servers, filters):
-    esamp, twin, stock = fresh_servers
+    # every server gets every batch, so that their random streams stay in step
     kinds = ["plain", "beta0", "explore"] * (ROWS // 3)
     params = [{"sampling": "plain"}, {"beta": 0.0}, {"beta": 3.0}] * (ROWS // 3)
-    got = batch(esamp, params, **filters)
-    want = batch(stock, [None] * ROWS, **filters)
-    again = batch(twin, params, **filters)
-    assert [g["output_ids"] for g in got] == [a["output_ids"] for a in again]  # ESamp rows included
-    for kind, g, w in zip(kinds, got, want):
-        if kind != "explore":
-            assert g["output_ids"] == w["output_ids"], kind
-    explored = [g["meta_info"]["esamp"] for kind, g in zip(kinds, got) if kind != "plain"]
-    assert all(info["enabled"] and info["esamp_tokens"] == 12 for info in explored)
-    assert [g["output_ids"] for k, g in zip(kinds, got) if k == "explore"] != [
-        w["output_ids"] for k, w in zip(kinds, want) if k == "explore"
-    ]
+    out = {name: batch(server, [None] * ROWS if name == "stock" else params, **filters)
+           for name, server in fresh_servers.items()}
+    want = out["stock"]
+    assert [g["output_ids"] for g in out["esamp"]] == [a["output_ids"] for a in out["twin"]]  # ESamp rows included
+    for cap in ("esamp", "uncapped"):  # the default cap, and none
+        for kind, g, w in zip(kinds, out[cap], want):
+            if kind != "explore":
+                assert g["output_ids"] == w["output_ids"], (cap, kind)
+            else:  # every ESamp row moves off the stock draw
+                assert g["output_ids"] != w["output_ids"], cap
+        explored = [g["meta_info"]["esamp"] for kind, g in zip(kinds, out[cap]) if kind != "plain"]
+        assert all(i["enabled"] and i["esamp_tokens"] == 12 and i["train_steps"] > 0 for i in explored)
