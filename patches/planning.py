@@ -158,8 +158,7 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
             if sampled and beta > 0:
                 if not learnt:  # the last token is predicted to draw, not learnt
                     plan.pairs.append(PairRow(end - 1, slot, False))
-                kl_budget = config.kl_budget if params.kl_budget is None else params.kl_budget
-                plan.sampled.append(SampledRow(i, len(plan.pairs) - 1, beta, kl_budget))
+                plan.sampled.append(SampledRow(i, len(plan.pairs) - 1, beta))
             plan.groups += [group] * (len(plan.pairs) - len(plan.groups))
             if sampled:
                 members.count(req.rid, "esamp_tokens")

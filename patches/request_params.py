@@ -20,11 +20,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from sgl_esamp import check_beta, check_kl_budget, check_prefill_pairs, check_variant
+from sgl_esamp import check_beta, check_prefill_pairs, check_variant
 
 SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
 PREFILL_PAIRS_KEY = "prefill_pairs"
-KL_BUDGET_KEY = "kl_budget"
 # SGLang's router (sglang-router, `--policy manual`) sends requests with the same key to the
 # same server: ESamp clients put their group id here (patches/routing.py)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
@@ -40,7 +39,6 @@ class RequestESamp:
     variant: Optional[str]  # None: the server's variant
     group: Optional[str]
     prefill_pairs: Optional[int]  # None: the server's
-    kl_budget: Optional[float]  # None: the server's
 
 
 def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
@@ -55,15 +53,12 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
         check_variant(params[VARIANT_KEY], field=f"custom_params.{VARIANT_KEY}")
     if PREFILL_PAIRS_KEY in params:
         check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=f"custom_params.{PREFILL_PAIRS_KEY}")
-    if KL_BUDGET_KEY in params:
-        check_kl_budget(params[KL_BUDGET_KEY], field=f"custom_params.{KL_BUDGET_KEY}")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
         raise ValueError(
             f"custom_params.{GROUP_KEY}={group!r} is invalid: allowed a string of 1 to {MAX_GROUP_ID_LEN} characters"
         )
-    if not server_is_esamp and (sampling == "esamp" or params.keys() & {BETA_KEY, VARIANT_KEY, PREFILL_PAIRS_KEY,
-                                                                       KL_BUDGET_KEY}):
+    if not server_is_esamp and (sampling == "esamp" or params.keys() & {BETA_KEY, VARIANT_KEY, PREFILL_PAIRS_KEY}):
         raise ValueError(f"custom_params.{SAMPLING_KEY}='esamp' needs an ESamp server: {START_HINT}")
 
 
@@ -81,6 +76,5 @@ def resolve(custom_params: Optional[dict], sampled: bool) -> RequestESamp:
     params = custom_params or {}
     enabled = sampled and params.get(SAMPLING_KEY, "esamp") == "esamp"
     beta = params.get(BETA_KEY)
-    budget = params.get(KL_BUDGET_KEY)
     return RequestESamp(enabled, None if beta is None else float(beta), params.get(VARIANT_KEY), params.get(GROUP_KEY),
-                        params.get(PREFILL_PAIRS_KEY), None if budget is None else float(budget))
+                        params.get(PREFILL_PAIRS_KEY))

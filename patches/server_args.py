@@ -45,8 +45,6 @@ OPTIONS = {
     "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
     "--esamp-prefill-pairs": ("prefill_pairs", int, "most prompt pairs a group learns from a prefill, last tokens first; "
                                                     "0 = decode steps only (default 256)"),
-    "--esamp-kl-budget": ("kl_budget", float, "most KL(q||p) fusion may move a row by, beta lowered per row to "
-                                              "keep it (default 0: no limit; range [0, 10])"),
     "--esamp-client-groups": ("client_groups", _on_off, "on: requests may name their group (custom_params.group_id, "
                                                         "frontend forks); off: ignore client ids (default on)"),
 }

@@ -16,7 +16,6 @@ LR_RANGE = (0.0, 1.0)
 SLOTS_RANGE = (1, 4096)
 MAX_CANDIDATES_RANGE = (0, 1 << 20)
 PREFILL_PAIRS_RANGE = (0, 1 << 20)
-KL_BUDGET_RANGE = (0.0, 10.0)
 INITS = ("auto", "normal", "zero", "svd")
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -46,14 +45,6 @@ def check_variant(value: Any, field: str = "variant") -> Variant:
     if not isinstance(value, str) or value not in VARIANTS:
         raise ESampConfigError(field, value, f"one of {', '.join(VARIANTS)}")
     return VARIANTS[value]
-
-
-def check_kl_budget(value: Any, field: str = "kl_budget") -> float:
-    """Validate a per-row KL limit of fusion; shared by the config and per-request overrides."""
-    lo, hi = KL_BUDGET_RANGE
-    if not _is_real(value) or not math.isfinite(value) or not lo <= value <= hi:
-        raise ESampConfigError(field, value, f"a finite number in [{lo}, {hi}]")
-    return float(value)
 
 
 def check_prefill_pairs(value: Any, field: str = "prefill_pairs") -> int:
@@ -94,8 +85,6 @@ class ESampConfig:
     prefill_pairs:   the most prompt pairs a group learns from one prefill, its last tokens
                      first; 0 learns from decode steps only (as the authors' code does). It
                      bounds the memory a prefill's learning step takes, whatever the prompt.
-    kl_budget:       the most KL(q ‖ p), in nats, fusion may move one row's distribution by:
-                     β is lowered per row until the budget holds (0: no limit, β as it is).
     client_groups:   whether requests may name their group (`custom_params.group_id`, and
                      the frontend's forks); off: only the n samples of one request share a
                      Distiller (for servers shared by clients that do not trust each other).
@@ -112,7 +101,6 @@ class ESampConfig:
     max_candidates: int = 256
     seed: int = 0
     prefill_pairs: int = 256
-    kl_budget: float = 0.0
     client_groups: bool = True
 
     def __post_init__(self) -> None:
@@ -131,7 +119,6 @@ class ESampConfig:
         _check_int("max_candidates", self.max_candidates, *MAX_CANDIDATES_RANGE)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         check_prefill_pairs(self.prefill_pairs)
-        check_kl_budget(self.kl_budget)
         if not isinstance(self.client_groups, bool):
             raise ESampConfigError("client_groups", self.client_groups, "true or false")
 

@@ -89,47 +89,15 @@ def fuse_candidates_torch(
     temperatures: torch.Tensor,
     d_over_temperature: bool = True,
     vocab_shard: Optional[VocabShard] = None,
-    kl_budgets: Optional[torch.Tensor] = None,
 ) -> Fused:
     """Fused, unnormalised weights [N, K] over the candidates (0 elsewhere), and d.
-    z [N, K] are the (pre-temperature) logits at the candidates' ids. kl_budgets [N]: each row's
-    β is lowered until fusion moves it by at most that KL(q ‖ p) (0: no limit; `kl_limited`)."""
+    z [N, K] are the (pre-temperature) logits at the candidates' ids."""
     weights, token_ids = candidates
     temps = sampling_temperatures(temperatures).float()
     d = candidate_head_logits(lm_head_weight, token_ids, prediction, weights > 0, vocab_shard)
     scale = shift_scale(temps, d_over_temperature).view(-1, 1)
-    novelty = (z.float() - scale * d) / temps.view(-1, 1)  # the shift per unit of β
-    betas = betas.float()
-    if kl_budgets is not None:
-        betas = kl_limited(weights, novelty, betas, kl_budgets.float())
-    return Fused(reweight(weights, betas.view(-1, 1) * novelty), d)
-
-
-KL_STEPS = 30  # bisection steps: β within 2^-30 of the row's own ceiling
-
-
-def kl_limited(weights: torch.Tensor, novelty: torch.Tensor, betas: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-    """Per row, the largest b <= β with KL(q_b ‖ p) <= budget, where q_b ∝ p · exp(b · novelty)
-    on the kept set (weights > 0): a trust region around the model's distribution, so that a
-    setting bounds the distortion of every step (rows whose novelty is small keep their β; the
-    KL grows monotonically with b). A budget of 0 leaves the row's β as it is."""
-    kept = weights > 0
-    log_p = torch.where(kept, torch.log(weights.float().clamp_min(1e-38)), float("-inf"))
-    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-    u = torch.where(kept, novelty, 0.0)
-
-    def kl(b: torch.Tensor) -> torch.Tensor:
-        log_q = log_p + b.view(-1, 1) * u
-        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
-        return torch.where(kept, log_q.exp() * (log_q - log_p), 0.0).sum(-1)
-
-    limited = (budgets > 0) & (kl(betas) > budgets)
-    low, high = torch.zeros_like(betas), betas.clone()
-    for _ in range(KL_STEPS):
-        mid = (low + high) / 2
-        within = kl(mid) <= budgets
-        low, high = torch.where(within, mid, low), torch.where(within, high, mid)
-    return torch.where(limited, low, betas)
+    shift = betas.float().view(-1, 1) * (z.float() - scale * d) / temps.view(-1, 1)
+    return Fused(reweight(weights, shift), d)
 
 
 def reweight(weights: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -156,12 +124,11 @@ def fused_draw_torch(
     generator: Optional[torch.Generator] = None,
     vocab_shard: Optional[VocabShard] = None,
     out: Optional[torch.Tensor] = None,
-    limited: bool = False,
 ) -> DrawResult:
     """Keep, fuse and draw on the K most probable tokens of each sampled row, and measure the
     signal; every input is [n, K], [n, H] or a row of the batch, never a full-vocabulary product.
-    `out`: the batch's token ids, whose sampled rows are overwritten; `limited`: some rows have a KL
-    budget (sampled.kl_budgets). Reference of kernels.draw.fused_draw_triton (without KL budgets)."""
+    `out`: the batch's token ids, whose sampled rows are overwritten. Reference of
+    kernels.draw.fused_draw_triton."""
     probs_sorted, token_ids, logits, filters = inputs
     filters = filters.rows(sampled.batch_rows)
     z = logits.gather(1, token_ids)
@@ -170,9 +137,8 @@ def fused_draw_torch(
     _, top_ks = greedy_as_top1(filters.temperatures, filters.top_ks)
     candidates = Candidates(filter_sorted_(probs_sorted.float().clone(), top_ks, filters.top_ps, filters.min_ps),
                             token_ids)
-    budgets = sampled.kl_budgets if limited else None
     fused, d = fuse_candidates_torch(candidates, z, prediction, lm_head_weight, sampled.betas, filters.temperatures,
-                                     d_over_temperature, vocab_shard, budgets)
+                                     d_over_temperature, vocab_shard)
     weights, faults = usable_or_plain(fused, candidates.weights)
     # Greedy rows draw rank 0 whatever β (even one that makes their weight NaN); a one-hot
     # row keeps multinomial's consumption of the generator the same for every row.

@@ -14,8 +14,7 @@ The host sorts the pair rows by slot (segment d holds rows starts[d] .. starts[d
 learnt rows first), so that every group's Distiller sees only its own rows, and kernels
 address a segment as one contiguous block. The number of distinct slots and the largest
 segment are shapes the host knows, so the device never reports a count back. Every
-array, the betas and KL budgets included (as float64 bits), travels in one packed
-host-to-device copy.
+array, the betas included (as float64 bits), travels in one packed host-to-device copy.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ class SampledRow(NamedTuple):
     batch_row: int  # the engine's batch row drawn
     pair: int  # index of the pair row (as given to `StepLayout.build`) it is predicted from
     beta: float
-    kl_budget: float = 0.0  # the most KL(q ‖ p) fusion may move the row by (0: no limit)
 
 
 class StepLayout(NamedTuple):
@@ -63,17 +61,14 @@ class StepLayout(NamedTuple):
     sampled_pairs: torch.Tensor  # [n] the pair row each is predicted from
     sampled_segments: torch.Tensor  # [n] its segment
     betas: torch.Tensor  # [n] float64
-    kl_budgets: torch.Tensor  # [n] float64, 0: no limit
     width: int  # rows of the largest segment
-    kl_limited: bool = False  # some sampled row has a KL budget (host value)
 
     @classmethod
     def build(cls, pairs: Sequence[PairRow], sampled: Sequence[SampledRow], fresh_slots: Collection[int],
               device: torch.device | str = "cpu") -> "StepLayout":
         """The layout of host-side rows (in any order), sent to `device` in one copy."""
         flat, shape = cls.host_layout(pairs, sampled, fresh_slots)
-        layout = cls.from_flat(to_device(flat, torch.device(device)), shape)
-        return layout._replace(kl_limited=any(row.kl_budget > 0 for row in sampled))
+        return cls.from_flat(to_device(flat, torch.device(device)), shape)
 
     @staticmethod
     def host_layout(pairs: Sequence[PairRow], sampled: Sequence[SampledRow],
@@ -98,19 +93,18 @@ class StepLayout(NamedTuple):
         for count in counts:
             starts.append(starts[-1] + count)
         sampled_pairs = [new_index[row.pair] for row in sampled]
-        reals = [row.beta for row in sampled] + [row.kl_budget for row in sampled]
-        reals = torch.tensor(reals, dtype=torch.float64).view(torch.int64)  # bits, not a cast
+        betas = torch.tensor([row.beta for row in sampled], dtype=torch.float64).view(torch.int64)  # bits, not a cast
         ints = ([pairs[i].source for i in order] + segment + position + distinct
                 + [int(slot in fresh_slots) for slot in distinct] + starts + learn_counts
                 + [row.batch_row for row in sampled] + sampled_pairs + [segment[p] for p in sampled_pairs])
-        flat = torch.cat([torch.tensor(ints, dtype=torch.int64), reals])
+        flat = torch.cat([torch.tensor(ints, dtype=torch.int64), betas])
         return flat, (len(pairs), len(distinct), len(sampled), max(counts, default=0))
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int, int, int]) -> "StepLayout":
         m, d, n, width = shape
-        parts = flat.split([m, m, m, d, d, d + 1, d, n, n, n, n, n])
-        return cls(*parts[:-2], parts[-2].view(torch.float64), parts[-1].view(torch.float64), width)
+        parts = flat.split([m, m, m, d, d, d + 1, d, n, n, n, n])
+        return cls(*parts[:-1], parts[-1].view(torch.float64), width)
 
     @property
     def num_rows(self) -> int:

@@ -55,19 +55,19 @@ class TorchOps:
         layout = step.layout
         all_rows = torch.arange(layout.num_rows, device=layout.sources.device)
         return Sampled(forward.rows(layout, all_rows), step.deep, layout.sampled_pairs, layout.batch_rows,
-                       layout.betas, layout.kl_budgets)
+                       layout.betas)
 
     @staticmethod
     def draw(inputs: DrawInputs, sampled: Sampled, lm_head_weight: torch.Tensor, *, d_over_temperature: bool,
              generator: torch.Generator, philox: torch.Tensor, vocab_shard: Optional[VocabShard] = None,
-             out: Optional[torch.Tensor] = None, limited: bool = False) -> DrawResult:
+             out: Optional[torch.Tensor] = None) -> DrawResult:
         return fused_draw_torch(inputs, sampled, lm_head_weight, d_over_temperature=d_over_temperature,
-                                generator=generator, vocab_shard=vocab_shard, out=out, limited=limited)
+                                generator=generator, vocab_shard=vocab_shard, out=out)
 
     @staticmethod
-    def fuse(*args: Any, vocab_shard: Optional[VocabShard] = None, kl_budgets: Optional[torch.Tensor] = None) -> Fused:
+    def fuse(*args: Any, vocab_shard: Optional[VocabShard] = None) -> Fused:
         """fusion.fuse_candidates_torch's contract."""
-        return fuse_candidates_torch(*args, vocab_shard, kl_budgets)
+        return fuse_candidates_torch(*args, vocab_shard)
 
     @staticmethod
     def train(trainer: DistillerTrainer, step: ESampStep, forward: Any, outcome: Optional[Outcome],
@@ -98,25 +98,24 @@ class TritonOps(TorchOps):
     @staticmethod
     def sampled(forward: Any, step: ESampStep) -> Sampled:
         layout = step.layout
-        return Sampled(forward.prediction, step.deep, layout.sampled_pairs, layout.batch_rows, layout.betas,
-                       layout.kl_budgets)
+        return Sampled(forward.prediction, step.deep, layout.sampled_pairs, layout.batch_rows, layout.betas)
 
     @staticmethod
     def draw(inputs: DrawInputs, sampled: Sampled, lm_head_weight: torch.Tensor, *, d_over_temperature: bool,
              generator: torch.Generator, philox: torch.Tensor, vocab_shard: Optional[VocabShard] = None,
-             out: Optional[torch.Tensor] = None, limited: bool = False) -> DrawResult:
-        if vocab_shard is not None or inputs.probs_sorted.shape[1] > MAX_DRAW_K or limited:  # d needs the sum over ranks
+             out: Optional[torch.Tensor] = None) -> DrawResult:
+        if vocab_shard is not None or inputs.probs_sorted.shape[1] > MAX_DRAW_K:  # d needs the sum over ranks
             return TorchOps.draw(inputs, sampled, lm_head_weight, d_over_temperature=d_over_temperature,
-                                 generator=generator, philox=philox, vocab_shard=vocab_shard, out=out, limited=limited)
+                                 generator=generator, philox=philox, vocab_shard=vocab_shard, out=out)
         from .kernels.draw import fused_draw_triton
 
         return fused_draw_triton(inputs, sampled, lm_head_weight, philox=philox,
                                  d_over_temperature=d_over_temperature, out=out)
 
     @staticmethod
-    def fuse(*args: Any, vocab_shard: Optional[VocabShard] = None, kl_budgets: Optional[torch.Tensor] = None) -> Fused:
-        if vocab_shard is not None or kl_budgets is not None:
-            return fuse_candidates_torch(*args, vocab_shard, kl_budgets)
+    def fuse(*args: Any, vocab_shard: Optional[VocabShard] = None) -> Fused:
+        if vocab_shard is not None:
+            return fuse_candidates_torch(*args, vocab_shard)
         from .kernels.fusion import fuse_candidates_triton
 
         return fuse_candidates_triton(*args)

@@ -136,8 +136,7 @@ class ESampSampler:
         forward = self.ops.forward(self.distillers, step)
         drawn = self.ops.draw(DrawInputs(probs_sorted, token_ids, logits, filters), self.ops.sampled(forward, step),
                               self.lm_head_weight, d_over_temperature=self.variant.d_over_temperature,
-                              generator=self.generator, philox=self.philox, vocab_shard=self.vocab_shard, out=out,
-                              limited=layout.kl_limited)
+                              generator=self.generator, philox=self.philox, vocab_shard=self.vocab_shard, out=out)
         self._train(step, forward, Outcome(drawn.faults, drawn.signal), draws=probs_sorted.numel())
         return drawn.tokens
 
@@ -157,8 +156,7 @@ class ESampSampler:
         sampled = self.ops.sampled(forward, step)
         prediction = sampled.prediction.index_select(0, layout.sampled_pairs)
         fused = self.ops.fuse(candidates, z, prediction, self.lm_head_weight, layout.betas.float(), temperatures,
-                              self.variant.d_over_temperature, vocab_shard=self.vocab_shard,
-                              kl_budgets=layout.kl_budgets if layout.kl_limited else None)
+                              self.variant.d_over_temperature, vocab_shard=self.vocab_shard)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
         signal = row_signal(prediction, step.deep.index_select(0, layout.sampled_pairs), candidates.weights, weights,
                             z, fused.head_logits)

@@ -4,7 +4,7 @@ module: the torch code and the kernels both import it, neither imports the other
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -56,7 +56,6 @@ class Sampled(NamedTuple):
     pairs: torch.Tensor  # [n] the pair row each sampled row is predicted from
     batch_rows: torch.Tensor  # [n] its row in the batch (filters, output)
     betas: torch.Tensor  # [n]
-    kl_budgets: Optional[torch.Tensor] = None  # [n] the most KL(q ‖ p) fusion may move each row by (0: no limit)
 
 
 class Fused(NamedTuple):
