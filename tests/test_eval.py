@@ -1,15 +1,21 @@
-"""The evaluation harness end to end: --quick against a real (CPU) ESamp server on the tiny model.
+"""The evaluation harness end to end: --quick against a real (CPU) ESamp server on the tiny model
+(the classic smoke and the frontier smoke), and frontier mode's generation, checkpoint and
+statistics against a fake server.
 
 Checks that the outputs are complete and well-formed, not the numbers (a random model).
 """
 
 import json
+import math
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
-from sgl_esamp.tools.eval import metrics, reasoning
+from sgl_esamp.tools.eval import creative, frontier, metrics, reasoning, writing
 from sgl_esamp.tools.eval.methods import PAIRED_BASELINE, TEMPERATURE, VARIANTS, methods
 from sgl_esamp.patches.launch import server_env
 
@@ -49,6 +55,54 @@ def test_quick_run_outputs(tiny_model, tmp_path):
     assert "| method |" in table and all(f"| {name} |" in table for name in names)
     for png in ("pass_at_k.png", "diversity_vs_perplexity.png"):
         assert (out / png).stat().st_size > 1000
+    check_frontier_smoke(tmp_path / "frontier" / "test")
+
+
+def check_frontier_smoke(out):
+    """--quick's frontier smoke: every point of the quick sweep on every item, complete figures."""
+    pts = {m.name: m for m in frontier.points(frontier.QUICK_SWEEP)}
+    lines = frontier.read_checkpoint(out)
+    items = {x["item"] for x in lines}
+    parts = {x["part"] for x in lines}
+    assert parts == {"reasoning", "writing", "creative"}
+    expected = {(m.name, it) for m in pts.values() for it in items if frontier.runs_on(m, it.split("/")[0])}
+    assert {(x["method"], x["item"]) for x in lines} == expected and len(lines) == len(expected)
+    for x in lines:
+        m = pts[x["method"]]
+        assert x["sampling_params"]["top_k"] == frontier.TOP_K == 256  # every point, baselines included
+        assert len(x["outputs"]) == x["n"] and all(o["logprob_tokens"] == o["output_tokens"] for o in x["outputs"])
+        groups = {o["esamp"]["group_id"] for o in x["outputs"]} if m.is_esamp else set()
+        if m.is_esamp:  # shared: one group for the n samples; per-branch: n groups
+            assert all(o["esamp"]["enabled"] for o in x["outputs"])
+            assert len(groups) == (x["n"] if m.per_branch else 1)
+        else:
+            assert all(o["esamp"] is None for o in x["outputs"])
+    res = json.loads((out / "frontier.json").read_text())
+    assert set(res["methods"]) == set(pts)
+    families = {m.family for m in pts.values()}
+    assert families == {"temperature", "min_p", "latent", "reference", "per_branch", "prompt_learning"}
+    for g in ("open-ended", "writing", "creative"):
+        assert set(res["points"][g]) == set(pts)
+        for name, row in res["points"][g].items():
+            assert 1 - 1e-6 <= row["vendi"] and row["geo_median_perplexity"] > 0
+            assert all(f in row for f in ("mean_cosine", "clusters", "distinct_3", "repeated_4gram"))
+            if pts[name].is_esamp:  # every numeric field of the server's signal is read
+                assert row["esamp"]["train_steps"] > 0 and "signal_mean_kl" in row["esamp"]
+    esamp = [nm for nm, m in pts.items() if m.is_esamp]
+    assert set(res["reasoning_points"]) == {nm for nm, m in pts.items() if frontier.runs_on(m, "reasoning")}
+    for base in frontier.BASELINES:
+        assert set(res["matched"]["open-ended"][base]) == set(esamp)
+        for nm in esamp:
+            c = res["matched"]["open-ended"][base][nm]["vendi"]["curve"]
+            assert 0 <= c["outside"] <= 1 and (c["mean"] is None) == (c.get("note") == "outside the curve")
+    assert set(res["matched_reasoning"]) == set(esamp)
+    labels = " ".join(res["paired"])
+    assert "shared − per-branch" in labels and "no prompt pairs" in labels and "fusion alone" in labels
+    assert res["power"]["rows"] and all(r["items_needed"] >= 2 or r["items_needed"] == -1 for r in res["power"]["rows"])
+    table = (out / "frontier.md").read_text()
+    assert all(f"| {nm} |" in table for nm in pts) and "**Power**" in table
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert json.loads((out / "sessions.jsonl").read_text().splitlines()[0])["tok_s"] > 0
 
 
 def test_extract_answer():
@@ -80,3 +134,187 @@ def test_kmeans_clusters_counts_separated_ideas_and_one_blob_as_one():
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     assert metrics.kmeans_clusters(unit(ideas)) == 3
     assert metrics.kmeans_clusters(unit(blob)) == 1
+
+
+def test_frontier_points_sweep_each_knob_with_the_common_cap():
+    pts = frontier.points(frontier.FULL_SWEEP)
+    by = {}
+    for m in pts:
+        by.setdefault(m.family, []).append(m)
+        assert m.sampling_params["top_k"] == 256
+    temps = [m.sampling_params["temperature"] for m in by["temperature"]]
+    assert len(temps) >= 4 and min(temps) <= 0.6 and max(temps) >= 1.2
+    assert all(m.sampling_params["top_p"] == 0.95 and not m.is_esamp for m in by["temperature"])
+    assert len(by["min_p"]) >= 3 and all(m.sampling_params["temperature"] == 1.0 for m in by["min_p"])
+    lat = [m.beta for m in by["latent"]]
+    assert len(lat) >= 4 and min(lat) <= 0.05 and max(lat) >= 1.0 and len(by["reference"]) >= 3
+    for m in by["latent"] + by["reference"] + by["per_branch"] + by["prompt_learning"]:
+        assert m.is_esamp and m.sampling_params == {"temperature": 0.8, "top_p": 0.95, "top_k": 256}
+    assert all(m.per_branch and m.variant == "latent" for m in by["per_branch"])
+    assert [m.name for m in by["temperature"] if not frontier.runs_on(m, "writing")] == ["temp1.4"]  # reasoning only
+    assert not any(frontier.runs_on(m, "reasoning") for m in by["min_p"])
+    assert [m.custom_params["prefill_pairs"] for m in by["prompt_learning"]] == [0]
+    assert len({m.name for m in pts}) == len(pts)
+
+
+def test_frontier_curve_gap_and_interpolation():
+    xs, ys = np.array([[2.0, 0.0, 1.0]]), np.array([[4.0, 0.0, 2.0]])  # knots in any order
+    assert frontier.interp_rows(xs, ys, np.array([0.5]))[0] == pytest.approx(1.0)
+    assert math.isnan(frontier.interp_rows(xs, ys, np.array([2.5]))[0])  # no extrapolation
+    folded_x, folded_y = np.array([[0.15, 0.19, 0.17]]), np.array([[0.5, 0.8, 0.75]])  # pass@1 peaks mid-sweep
+    assert frontier.interp_rows(folded_x, folded_y, np.array([0.18]))[0] == pytest.approx(0.775)  # the better branch
+    rng = np.random.default_rng(0)
+    n = 40
+    cx = np.array([np.full(n, 0.0), np.full(n, 1.0), np.full(n, 2.0)]) + rng.normal(0, 0.05, (3, n))
+    cy = cx + rng.normal(0, 0.1, (3, n))
+    px = 0.5 + rng.normal(0, 0.05, n)
+    py = px + 1.0 + rng.normal(0, 0.1, n)  # one unit above the curve y = x
+    gap = frontier.curve_gap(cx, cy, px, py, resamples=2000)
+    assert gap["low"] < 1.0 < gap["high"] and gap["mean"] == pytest.approx(1.0, abs=0.1) and gap["outside"] == 0
+    assert gap["mde"] == pytest.approx(frontier.z_power() * gap["se"])
+    per = frontier.per_item_gap(cx, cy, px, py)
+    assert per["inside"] == n and per["low"] < 1.0 < per["high"]
+    far = frontier.curve_gap(cx, cy, px + 5, py, resamples=200)
+    assert far["mean"] is None and far["note"] == "outside the curve" and far["outside"] == 1.0
+    assert frontier.mde(1.0, 100) == pytest.approx(0.2802, abs=1e-3) and frontier.items_for(1.0, 0.25) == 126
+
+
+def test_frontier_reads_every_numeric_esamp_field_and_repetition():
+    meta = lambda g, rows, kl, **extra: {"enabled": True, "group_id": g, "slot": 3, "train_steps": rows,
+                                         "esamp_tokens": 5, "fallback_tokens": 0,
+                                         "signal": {"rows": rows, "mean_kl": kl, "mean_entropy_q": 2.0, **extra}}
+    shared = [{"esamp": meta("a", 10, 0.1)}, {"esamp": meta("a", 20, 0.3, top_share=0.5)}]
+    fig = frontier.esamp_figures(shared)  # one group: its member with the most rows
+    assert fig["signal_mean_kl"] == 0.3 and fig["signal_top_share"] == 0.5 and fig["groups"] == 1
+    assert "slot" not in fig and fig["signal_mean_entropy_q"] == 2.0 and fig["esamp_share"] == 1.0
+    per_branch = [{"esamp": meta("a", 10, 0.1)}, {"esamp": meta("b", 20, 0.3)}]
+    assert frontier.esamp_figures(per_branch)["signal_mean_kl"] == pytest.approx(0.2)  # mean over groups
+    assert frontier.esamp_figures([{"esamp": None}]) == {}
+    assert metrics.repeated_ngram_share(["a b c d a b c d"], 4) == pytest.approx(1 / 5)
+    assert metrics.repeated_ngram_share(["one two three four five"], 4) == 0.0
+
+
+def test_added_prompt_pools_never_move_earlier_prompts_between_dev_and_test():
+    rows = creative.prompts()
+    old = [r for r in rows if r.get("pool", 0) == 0]
+    for split in ("dev", "test"):
+        ours = writing.split(rows, split, 0)
+        assert [r for r in ours if r.get("pool", 0) == 0] == writing.split(old, split, 0)
+    dev, test = ({r["index"] for r in writing.split(rows, s, 0)} for s in ("dev", "test"))
+    assert not dev & test and len(dev | test) == len(rows)
+    assert len({r["query"] for r in rows}) == len(rows)  # no prompt twice
+
+
+def test_frontier_dev_and_test_problems_are_disjoint():
+    for task in reasoning.DEFAULT_TASKS:
+        dev = reasoning.split_problems(task, 8, 1234, "dev")
+        test = reasoning.split_problems(task, 40, 1234, "test")
+        reserve = {p.question for p in reasoning.distinct_problems(task, reasoning.DEV_RESERVE, 1234)}
+        assert len({p.question for p in test}) == 40 and not reserve & {p.question for p in test}
+        assert [p.question for p in dev] == [p.question for p in reasoning.split_problems(task, 4, 1234, "dev")] + \
+            [p.question for p in dev[4:]]  # dev's first items do not depend on its size
+        assert reasoning.correct_entry(task, json.loads(json.dumps(dev[0].entry)), f"Answer: {dev[0].answer}")
+
+
+class _FakeSGLang(BaseHTTPRequestHandler):
+    """/generate as SGLang answers it (n samples, original logprobs, meta_info esamp); records bodies."""
+
+    bodies: list = []
+    lock = threading.Lock()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.bodies.append(body)
+        sp = body["sampling_params"]
+        cp = sp.get("custom_params") or {}
+        group = cp.get("group_id") or f"g{len(self.bodies)}"
+        outs = []
+        for i in range(sp["n"]):
+            toks = 4 + i % 3
+            meta = {"completion_tokens": toks, "finish_reason": {"type": "length"},
+                    "output_token_logprobs": [[-1.0 - 0.1 * i, 7, None]] * toks}
+            if cp.get("sampling") == "esamp":
+                meta["esamp"] = {"enabled": True, "group_id": group, "train_steps": 5, "esamp_tokens": toks,
+                                 "signal": {"rows": 5 * (i + 1), "mean_kl": 0.01 * (i + 1)}}
+            outs.append({"text": f"sample {i} of {body['text'][-30:]} says Answer: {i % 10} words words",
+                         "meta_info": meta})
+        data = json.dumps(outs if sp["n"] > 1 else outs[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_frontier_generation_checkpoints_and_resumes(tmp_path, tiny_model):
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    _FakeSGLang.bodies = []
+    args = argparse.Namespace(parts=["reasoning", "writing", "creative"], tasks=["chain_sum"], problems=2, prompts=1,
+                              creative_prompts=2, n=4, reasoning_n=6, writing_tokens=8, reasoning_tokens=8,
+                              problem_seed=1234, prompt_seed=0)
+    its = frontier.items(args, "dev", AutoTokenizer.from_pretrained(tiny_model))
+    assert [it.part for it in its[:3]] == ["reasoning", "writing", "creative"]  # interleaved: a partial run has every part
+    ms = frontier.points(frontier.QUICK_SWEEP)
+    out = tmp_path / "dev"
+    try:
+        ckpt = frontier.Checkpoint(out)
+        todo = frontier.units(ms, its)
+        first = frontier.generate(url, ms, its[:2], ckpt, rows=8, split="dev")
+        assert first["units"] == len(frontier.units(ms, its[:2])) and not first["failed"]
+        with open(out / "checkpoint.jsonl", "a") as f:
+            f.write('{"torn": ')  # a run killed mid-write
+        ckpt = frontier.Checkpoint(out)
+        before = len(_FakeSGLang.bodies)
+        second = frontier.generate(url, ms, its, ckpt, rows=8, split="dev")
+        assert second["units"] == len(todo) - first["units"]  # resumed: done units are not sent again
+        sent = _FakeSGLang.bodies[before:]
+        assert not any(b["text"] in {it.prompt for it in its[:2]} for b in sent)
+    finally:
+        srv.shutdown()
+    lines = frontier.read_checkpoint(out)
+    assert sorted((x["method"], x["item"]) for x in lines) == sorted((m.name, it.id) for m, it in todo)
+    for x in lines:
+        m = next(mm for mm in ms if mm.name == x["method"])
+        assert len(x["outputs"]) == x["n"] == (6 if x["part"] == "reasoning" else 4)
+        if m.per_branch:  # n requests of n = 1, each its own group
+            gids = [o["esamp"]["group_id"] for o in x["outputs"]]
+            assert len(set(gids)) == x["n"] and all(g.startswith("fr-") for g in gids)
+    bodies = [b for b in _FakeSGLang.bodies if b["sampling_params"]["custom_params"].get("group_id")]
+    assert bodies and all(b["sampling_params"]["n"] == 1 and b["return_logprob"] for b in bodies)
+    shared = [b for b in _FakeSGLang.bodies if not b["sampling_params"]["custom_params"].get("group_id")]
+    assert all(b["sampling_params"]["n"] in (4, 6) for b in shared)
+    res = frontier.analyze(out, tiny_model, "server", k=4, resamples=200, plot=False)  # reads only the checkpoint
+    assert res["points"]["open-ended"]["temp0.8"]["geo_median_perplexity"] == pytest.approx(math.exp(1.15), rel=0.05)
+    assert set(res["reasoning_points"]) == {m.name for m in ms if frontier.runs_on(m, "reasoning")}
+    again = frontier.analyze(out, tiny_model, "server", k=4, resamples=200, plot=False)  # scores come from the cache
+    assert again["per_item"] == res["per_item"]
+
+
+def test_the_diversity_metrics_on_known_groups():
+    import numpy as np
+
+    n = 6
+    same = np.tile(np.eye(1, 384), (n, 1))  # n copies of one embedding
+    orthogonal = np.eye(n, 384)
+    assert metrics.spread(same)["vendi"] == pytest.approx(1.0) and metrics.spread(same)["mean_cosine"] == 1.0
+    assert metrics.spread(orthogonal)["vendi"] == pytest.approx(n) and metrics.spread(orthogonal)["mean_cosine"] == 0.0
+    pairs = np.concatenate([orthogonal[:3], orthogonal[:3]])  # three ideas, each twice
+    assert metrics.spread(pairs)["vendi"] == pytest.approx(3.0)
+
+
+def test_pass_at_k_is_its_closed_form():
+    import math
+
+    for n, c, k in [(16, 0, 1), (16, 3, 1), (16, 3, 4), (16, 15, 16), (32, 5, 16), (32, 31, 2), (8, 8, 8)]:
+        expected = 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+        assert metrics.pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12)

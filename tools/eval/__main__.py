@@ -1,4 +1,4 @@
-"""CLI: python -m sgl_esamp.tools.eval [--quick] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
+"""CLI: python -m sgl_esamp.tools.eval [--quick] [--frontier [--analyze-only]] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ QUICK = dict(n=4, problems=2, prompts=1, creative_prompts=1, reasoning_tokens=32
 # (2 cores, SmolLM2-135M: the docs/EVAL.md run); scale them up on a GPU.
 FULL = dict(n=16, problems=6, prompts=4, creative_prompts=4, reasoning_tokens=128, writing_tokens=192,
             betas=[0.1, 0.8], dev_problems=2, dev_prompts=1, dev_creative_prompts=2)
+# Frontier mode (tools/eval/frontier.py, docs/EVAL.md "Frontier mode"): the test run sized from the
+# pilot for about two hours of generation on 2 CPU cores (22 prompts x 19 points + 12 problems x 16
+# points, n = 16 / 32); the smoke is what --quick runs after the classic smoke, on the same server.
+FRONTIER = dict(n=16, reasoning_n=32, problems=4, prompts=13, creative_prompts=9, reasoning_tokens=64,
+                writing_tokens=64, rows=128, resamples=10000)
+FRONTIER_QUICK = dict(n=4, reasoning_n=4, problems=1, prompts=1, creative_prompts=1, reasoning_tokens=16,
+                      writing_tokens=24, rows=64, resamples=1000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,11 +62,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-layer", type=int, default=0, help="--esamp-source-layer (when it starts the server)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (each has n samples)")
     p.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable)")
+    f = p.add_argument_group("frontier mode (docs/EVAL.md, 'Frontier mode')")
+    f.add_argument("--frontier", action="store_true",
+                   help="sweep every method's knob on the same items; checkpointed per (method, item) in OUT/SPLIT")
+    f.add_argument("--analyze-only", action="store_true", help="frontier: only analyse OUT/SPLIT/checkpoint.jsonl")
+    f.add_argument("--reasoning-n", type=int, help="frontier: samples per reasoning problem")
+    f.add_argument("--rows", type=int, help="frontier: samples in flight (the server's --max-running-requests)")
+    f.add_argument("--ppl", choices=["server", "transformers"], default=None,
+                   help="frontier: perplexity from the server's original logprobs (default when it starts the "
+                        "server) or re-scored with transformers (default with --url)")
+    f.add_argument("--server-threads", type=int, default=1,
+                   help="frontier: OMP_NUM_THREADS of a CPU server it starts (0: SGLang's default, every core)")
+    f.add_argument("--k", type=int, default=16, help="frontier: the pass@k of the reasoning comparisons")
+    f.add_argument("--resamples", type=int, help="frontier: bootstrap resamples")
+    f.add_argument("--temperatures", type=float, nargs="*", help="frontier: temperature sweep (top-p 0.95)")
+    f.add_argument("--reasoning-temperatures", type=float, nargs="*",
+                   help="frontier: more temperatures, run on reasoning only (default 1.4)")
+    f.add_argument("--min-ps", type=float, nargs="*", help="frontier: min-p sweep (T 1.0); an empty list drops a sweep (same for the others)")
+    f.add_argument("--latent-betas", type=float, nargs="*", help="frontier: ESamp latent betas")
+    f.add_argument("--reference-betas", type=float, nargs="*", help="frontier: ESamp reference betas")
+    f.add_argument("--per-branch-betas", type=float, nargs="*", help="frontier: latent betas of the per-branch arm")
+    f.add_argument("--prompt-learning-beta", type=float, default=None,
+                   help="frontier: beta of the prefill_pairs=0 arm (negative: no such arm)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
+    if args.frontier:
+        defaults = FRONTIER_QUICK if args.quick else FRONTIER
+    else:
+        defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def frontier_smoke_args(args: argparse.Namespace) -> argparse.Namespace:
+    """--quick's frontier smoke: two points per sweep, the smallest sizes, on the quick server."""
+    smoke = argparse.Namespace(**vars(args))
+    for key, value in FRONTIER_QUICK.items():
+        setattr(smoke, key, value)
+    smoke.ppl = smoke.ppl or ("transformers" if args.url else "server")
+    return smoke
 
 
 def build_jobs(args: argparse.Namespace, ms: list[Method], split: str, tokenizer: Any) -> tuple[list[Job], dict]:
@@ -248,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = materialize_smollm2()
 
+    if args.frontier:
+        from . import frontier
+
+        frontier.main(args)
+        return
+
     def server_args(layer: int) -> list[str]:
         return ["--esamp-source-layer", str(layer), "--random-seed", str(args.sampling_seed),
                 "--max-running-requests", str(max(32, args.concurrency * args.n)), *args.server_arg]
@@ -262,8 +310,19 @@ def main(argv: list[str] | None = None) -> None:
         args.split = "test"
     else:
         ms = methods(args.variants, args.betas, compensated=args.compensated)
-    with server(args.model, args.url, server_args(args.source_layer)) as url:
-        results = evaluate(args, pick(ms), args.split, url, args.model, args.out / args.split)
+    if args.quick:  # the classic smoke, then the frontier smoke on the same server (frontier's settings)
+        from . import frontier
+
+        smoke = frontier_smoke_args(args)
+        extra, env = frontier.server_settings(smoke.rows, args.sampling_seed, args.source_layer, args.server_threads)
+        with server(args.model, args.url, extra + list(args.server_arg), env=env) as url:
+            results = evaluate(args, pick(ms), args.split, url, args.model, args.out / args.split)
+            frontier.run(smoke, url, args.split, args.out / "frontier" / args.split)
+        frontier.analyze(args.out / "frontier" / args.split, args.model, smoke.ppl, k=smoke.k,
+                         resamples=smoke.resamples)
+    else:
+        with server(args.model, args.url, server_args(args.source_layer)) as url:
+            results = evaluate(args, pick(ms), args.split, url, args.model, args.out / args.split)
     print(report.markdown(results))
     print(f"wrote {args.out / args.split}")
 

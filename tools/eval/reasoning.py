@@ -64,3 +64,51 @@ def correct(problem: Problem, completion: str) -> bool:
         return float(problem.dataset.score_answer(answer, problem.entry)) >= 1.0
     except Exception:  # a scorer choking on odd text is a wrong answer, not a crash
         return False
+
+
+# Frontier mode (tools/eval/frontier.py): distinct questions, dev and test disjoint by construction.
+DEV_RESERVE = 64  # per task: test never uses the first DEV_RESERVE distinct dev questions; dev uses at most these
+
+
+def distinct_problems(task: str, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Problem]:
+    """The first `count` distinct questions of `task` drawn with `seed`, none of them in `exclude`."""
+    size, out = max(4 * count, 64), []
+    while True:
+        out, seen = [], set(exclude)
+        for p in problems(task, size, seed):
+            if p.question not in seen:
+                seen.add(p.question)
+                out.append(p)
+                if len(out) == count:
+                    return out
+        if size >= 64 * max(count, 64):  # the task's question space is exhausted
+            raise ValueError(f"{task}: only {len(out)} distinct questions with seed {seed} (asked for {count})")
+        size *= 4
+
+
+def split_problems(task: str, count: int, seed: int, split: str) -> list[Problem]:
+    """dev: the first `count` (<= DEV_RESERVE) distinct questions of `seed`; test: distinct
+    questions of `seed + 1` outside dev's reserve, so dev and test never share a question
+    whatever sizes the two runs use."""
+    if split == "dev":
+        if count > DEV_RESERVE:
+            raise ValueError(f"dev uses at most {DEV_RESERVE} problems per task (test excludes those)")
+        return distinct_problems(task, count, seed)
+    reserve = frozenset(p.question for p in distinct_problems(task, DEV_RESERVE, seed))
+    return distinct_problems(task, count, seed + 1, exclude=reserve)
+
+
+_SCORERS: dict[str, Any] = {}
+
+
+def correct_entry(task: str, entry: dict[str, Any], completion: str) -> bool:
+    """`correct` for a stored reasoning-gym entry (JSON), scored by a dataset of the same task."""
+    if task not in _SCORERS:
+        import reasoning_gym
+
+        _SCORERS[task] = reasoning_gym.create_dataset(task, size=1, seed=0, **TASK_CONFIGS.get(task, {}))
+    numeric = NUMBER.fullmatch(str(entry["answer"]).strip()) is not None
+    try:
+        return float(_SCORERS[task].score_answer(extract_answer(completion, numeric), entry)) >= 1.0
+    except Exception:
+        return False

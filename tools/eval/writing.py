@@ -37,10 +37,20 @@ def prompts(max_chars: int = 700) -> list[dict]:
 
 
 def split(rows: list[dict], split_name: str, seed: int) -> list[dict]:
-    """Disjoint dev/test halves: a seeded shuffle of the prompts, dev = first third, test = the rest."""
+    """Disjoint dev/test parts: a seeded shuffle of the prompts, dev = first third, test = the rest.
+
+    Rows with a `pool` field (prompts added later) are split pool by pool and the pools'
+    parts concatenated in pool order, so adding a pool never moves an earlier prompt between
+    dev and test."""
     import random
 
-    order = list(rows)
-    random.Random(seed).shuffle(order)
-    cut = len(order) // 3
-    return order[:cut] if split_name == "dev" else order[cut:]
+    pools: dict[int, list[dict]] = {}
+    for row in rows:
+        pools.setdefault(row.get("pool", 0), []).append(row)
+    out = []
+    for pool in sorted(pools):
+        order = list(pools[pool])
+        random.Random(seed).shuffle(order)
+        cut = len(order) // 3
+        out += order[:cut] if split_name == "dev" else order[cut:]
+    return out
