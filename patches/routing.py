@@ -11,7 +11,8 @@ on one replica, or each replica would train a partial Distiller of its own. Befo
 controller routes a request, this hook pins ESamp requests to the replica their group id
 hashes to (crc32, the same in every process and run); SGLang's own per-request field
 `routed_dp_rank` carries the choice, so every load-balance method honours it, and a rank
-the client chose itself (`routed_dp_rank`, or the `X-Override-Routed-DP-Rank` header) wins.
+the client chose itself (`routed_dp_rank`, or the `X-Override-Routed-DP-Rank` header where
+SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES is set) wins.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ DP = 2
 def dp_server(request, tiny_model):
     from sgl_esamp.patches.launch import launch
 
-    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--dp-size", str(DP)])
+    # SGLang applies X-Override-* headers only with this variable set (request_headers.py)
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--dp-size", str(DP)],
+                    env={"SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES": "1"})
     request.addfinalizer(server.stop)
     return server
 
