@@ -58,13 +58,16 @@ def _remember_reqs(forward_batch, _cls, batch, *args, **kwargs):
 
 # -- tokenizer process: request validation and grouping ------------------------------------------
 def _verify(_result, sampling_params, *args, **kwargs):
-    request_params.validate(sampling_params.custom_params, _server_is_esamp())
-    if _server_is_esamp() and sampling_params.top_k > 1:
-        # Stamped once per prompt before n > 1 expansion: the n samples share one group.
-        from sglang.srt.runtime_context import get_server_args
+    if not _server_is_esamp():
+        request_params.validate(sampling_params.custom_params, False)
+        return
+    from sglang.srt.runtime_context import get_server_args
 
-        client_groups = esamp_config(get_server_args()).client_groups
-        sampling_params.custom_params = request_params.with_group(sampling_params.custom_params, client_groups)
+    config = esamp_config(get_server_args())
+    request_params.validate(sampling_params.custom_params, True, config.prefill_pairs)
+    if sampling_params.top_k > 1:
+        # Stamped once per prompt before n > 1 expansion: the n samples share one group.
+        sampling_params.custom_params = request_params.with_group(sampling_params.custom_params, config.client_groups)
 
 
 def _unwrap_meta(_result, _manager, meta_info, *args, **kwargs):

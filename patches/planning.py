@@ -56,7 +56,8 @@ class Members:
     left to plain sampling, and the requests that already finished."""
 
     group: dict[str, tuple[str, str]] = field(default_factory=dict)  # rid -> (variant, group)
-    # (variant, group) -> {prompt: the rid that learns it}, the groups least recently planned first
+    # (variant, group, slot, generation) -> {prompt: the rid that learns it}: one Distiller's
+    # learners, least recently planned first
     prompts: OrderedDict = field(default_factory=OrderedDict)
     tokens: dict[str, Counter] = field(default_factory=dict)
     drawn: dict[str, list[str]] = field(default_factory=dict)  # rid -> the kinds of its last draws, newest last
@@ -85,14 +86,14 @@ class Members:
             self.fallback_tokens -= key == "fallback_tokens"
         return self.group.pop(rid, None), +counts
 
-    def learns_prompt(self, key: tuple[str, str], req: Any, fresh: bool) -> bool:
-        """Whether `req` is the one request of its group to learn its prompt (the first to prefill
-        it since the group got its slot)."""
+    def learns_prompt(self, distiller: tuple, req: Any) -> bool:
+        """Whether `req` is the one request to teach this Distiller its prompt (the first to
+        prefill it); `distiller`: (variant, group, slot, the slot's generation)."""
         prompt = getattr(req, "_esamp_prompt", None)
         if prompt is None:
             prompt = req._esamp_prompt = hash(tuple(req.origin_input_ids))
-        learners = {} if fresh else self.prompts.pop(key, {})
-        self.prompts[key] = learners
+        learners = self.prompts.pop(distiller, {})
+        self.prompts[distiller] = learners
         if len(self.prompts) > RELEASED_MEMORY:
             self.prompts.popitem(last=False)
         return learners.setdefault(prompt, req.rid) == req.rid
@@ -132,9 +133,11 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
     for variant, rows in by_variant.items():
         engine = engine_of(variant)
         plan = VariantPlan(variant, engine)
-        started: set[str] = set()  # groups seen in this step
         groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in rows]
         slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, rows)])
+        # prompt pairs each slot may still learn in this step: one group prefilling several
+        # prompts at once learns at most the server's budget, so a step's memory is bounded
+        step_budget: dict[int, int] = {}
         for i, group, slot in zip(rows, groups, slots):
             req, params = reqs[i], request_esamp(reqs[i])
             sampled = samples_tokens(req, prefixes[i], lengths[i], extend)
@@ -144,15 +147,20 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
                 continue
             members.group[req.rid] = (variant.name, group)
             budget = config.prefill_pairs if params.prefill_pairs is None else params.prefill_pairs
-            if extend:
-                fresh = slot in engine.fresh_slots and group not in started  # a new Distiller: no prompt learnt
-                started.add(group)
-                if not members.learns_prompt((variant.name, group), req, fresh):
-                    budget = 0  # another request of the group learns this prompt
+            if extend:  # the Distiller this step trains: the slot's next generation if it is fresh
+                distiller = (variant.name, group, slot, engine.generations[slot] + (slot in engine.fresh_slots))
+                if not members.learns_prompt(distiller, req):
+                    budget = 0  # another request taught this Distiller this prompt
             end = starts[i] + lengths[i]
-            # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
-            first = starts[i] + max(0, req.seqlen - budget - prefixes[i]) if extend else starts[i]
-            learnt = range(min(first, end), end)
+            if extend:
+                # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
+                first = starts[i] + max(0, req.seqlen - budget - prefixes[i])
+                learnt = range(min(first, end), end)
+                left = step_budget.setdefault(slot, config.prefill_pairs)
+                learnt = learnt[len(learnt) - min(len(learnt), left):]
+                step_budget[slot] = left - len(learnt)
+            else:
+                learnt = range(starts[i], end)
             plan.pairs += [PairRow(row, slot, True) for row in learnt]
             beta = config.beta if params.beta is None else params.beta
             if sampled and beta > 0:

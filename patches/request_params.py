@@ -41,8 +41,10 @@ class RequestESamp:
     prefill_pairs: Optional[int]  # None: the server's
 
 
-def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
-    """Raise ValueError naming the field and its allowed values (SGLang answers 400)."""
+def validate(custom_params: Optional[dict], server_is_esamp: bool, max_prefill_pairs: Optional[int] = None) -> None:
+    """Raise ValueError naming the field and its allowed values (SGLang answers 400).
+    `max_prefill_pairs`: the server's `--esamp-prefill-pairs`; a request may lower it, never
+    raise it, so that the memory a prefill's learning takes stays the operator's choice."""
     params = custom_params or {}
     sampling = params.get(SAMPLING_KEY)
     if sampling is not None and sampling not in SAMPLING_CHOICES:
@@ -52,7 +54,11 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool) -> None:
     if VARIANT_KEY in params:
         check_variant(params[VARIANT_KEY], field=f"custom_params.{VARIANT_KEY}")
     if PREFILL_PAIRS_KEY in params:
-        check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=f"custom_params.{PREFILL_PAIRS_KEY}")
+        field = f"custom_params.{PREFILL_PAIRS_KEY}"
+        pairs = check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=field)
+        if max_prefill_pairs is not None and pairs > max_prefill_pairs:
+            raise ValueError(f"{field}={pairs!r} is invalid: allowed an integer in [0, {max_prefill_pairs}] "
+                             f"(the server's --esamp-prefill-pairs)")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
         raise ValueError(

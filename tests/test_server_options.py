@@ -70,5 +70,10 @@ def test_a_server_wide_prefill_pairs_of_zero_learns_from_decode_steps_only(optio
                    ignore_eos=True)
     info = out["meta_info"]["esamp"]
     assert info["train_pairs"] == out["meta_info"]["completion_tokens"] - 1
+    # a request may lower the server's budget, never raise it (the memory is the operator's choice)
     body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, "custom_params": {"prefill_pairs": 4}}}
+    response = requests.post(options_server.url + "/generate", json=body, timeout=60)
+    assert response.status_code == 400 and "custom_params.prefill_pairs=4" in response.text, response.text
+    assert "[0, 0]" in response.text
+    body["sampling_params"]["custom_params"]["prefill_pairs"] = 0
     assert requests.post(options_server.url + "/generate", json=body, timeout=60).status_code == 200
