@@ -122,7 +122,7 @@ def test_esamp_adds_a_constant_handful_of_launches_to_a_decode_step(runtime, mon
             h.decode(batch + plain)
         with count_launches({**standins, **copies}, host) as stock:
             h.decode([harness.request(custom_params={"sampling": "plain"}) for _ in range(2 * rows)])
-    assert esamp.syncs == {} or set(esamp.syncs) <= {"nonzero"}, esamp.syncs
+    assert not esamp.syncs, esamp.syncs  # no op that makes the host wait for the device
     assert esamp.total - stock.total <= BUDGET, (esamp.by_name - stock.by_name)
 
 

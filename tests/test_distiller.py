@@ -376,3 +376,22 @@ def test_a_faulty_group_falls_back_to_plain_sampling_restarts_fresh_and_leaves_t
     assert all(torch.isfinite(v[0]).all() for v in sampler.distillers.params.values())
     assert not torch.equal(sampler.distillers.params["B"][1], h_before["B"])  # h kept training throughout
     assert sampler.group_stats("h")["fault_resets"] == 0
+
+
+def test_the_host_mirror_copies_the_statistics_inside_the_training_step_it_follows():
+    """The copy must be queued before the step's `done` event, which the next step waits for:
+    queued after it (as it once was), the next step could write the statistics mid-copy and the
+    host would read a torn snapshot. On the CPU the order of the calls is what can be checked."""
+    sampler = ESampSampler(ESampConfig(num_slots=2, rank=R), torch.randn(100, H))
+    calls = []
+    run_async = sampler.trainer.run_async
+
+    def spied(work, held=()):
+        calls.append("step queued")
+        run_async(work, held)
+        calls.append("done recorded")
+
+    sampler.trainer.run_async = spied
+    sampler.mirror.publish = lambda: calls.append("mirror copy")
+    decode(sampler, [("g", "a")], [0.5], torch.Generator().manual_seed(0), 100)
+    assert calls == ["step queued", "mirror copy", "done recorded"]

@@ -30,6 +30,19 @@ def test_sampled_request_uses_esamp_and_trains(esamp_server):
     assert info["mean_loss"] > 0
 
 
+def test_the_sampler_is_built_and_warmed_up_before_the_first_request(esamp_server):
+    """Both variants' state and the draw path are built at start-up (a Triton compile, an SVD),
+    so that no request stalls the scheduler for them; the log says how long it took."""
+    import re
+
+    lines = esamp_server.log_path.read_text(errors="replace").splitlines()
+    warm = [i for i, line in enumerate(lines)
+            if re.search(r"ESamp warm-up: reference and latent built and one step of each run in [0-9.]+ s", line)]
+    first_batch = next(i for i, line in enumerate(lines) if "Prefill batch" in line)  # launch()'s health check
+    assert len(warm) == 1 and warm[0] < first_batch
+    assert set(bank(esamp_server)["by_variant"]) == {"reference", "latent"}
+
+
 def test_n_samples_of_one_request_share_one_group(esamp_server):
     outs = generate(esamp_server, PROMPTS[1], n=3, sampling_seed=2)
     infos = [o["meta_info"]["esamp"] for o in outs]

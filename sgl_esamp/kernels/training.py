@@ -84,7 +84,7 @@ def _decide_kernel(
     tl.store(row + 0, tl.load(row + 0) * keep + upd)
     tl.store(row + 1, tl.load(row + 1) * keep + upd * learnt.to(tl.float64))
     tl.store(row + 2, tl.where(update, loss64, tl.load(row + 2) * keep))
-    tl.store(row + 3, tl.load(row + 3) * keep + upd * loss64)
+    tl.store(row + 3, tl.load(row + 3) * keep + tl.where(update, loss64, 0.0))  # a fault's loss is NaN: 0·NaN is not 0
     tl.store(row + 4, tl.load(row + 4) * keep_group + tl.where(fault, 1.0, 0.0))
     tl.store(row + 5, tl.load(row + 5) * keep_group + tl.where(fault, 1.0, 0.0))
     tl.store(row + 6, tl.load(row + 6) + tl.where(fresh, 1.0, 0.0))

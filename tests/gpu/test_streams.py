@@ -84,3 +84,19 @@ def test_the_step_trains_under_inference_mode():
         backend_step(s, EngineBuffers.random(4, head, seed=0), group_rows(4), filters(4))
     torch.cuda.synchronize()
     assert int(s.trainer.stats[s.groups.slot_of("g0"), STEPS]) == 1
+
+
+def test_the_statistics_copy_has_landed_once_the_next_step_may_run():
+    """The mirror's copy is part of the training step the next step waits for: once the current
+    stream has waited for the step and drained, the copy has landed (a copy queued after the
+    step's event would not be covered by that wait)."""
+    head = head_weight(VOCAB, HIDDEN)
+    s, filt = sampler(head), filters(8)
+    for step in range(4):
+        busy()
+        backend_step(s, EngineBuffers.random(8, head, seed=step), group_rows(8), filt)
+        s.trainer.wait()
+        torch.cuda.current_stream().synchronize()
+        host, event = s.mirror.in_flight[-1] if s.mirror.in_flight else (s.mirror.latest, None)
+        assert event is None or event.query()
+        assert torch.equal(host, s.trainer.stats.cpu())
