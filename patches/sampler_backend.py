@@ -120,8 +120,7 @@ class ESampBackend(Sampler):
         self.step: Optional[BackendStep] = None  # the step being sampled
         self.members = Members()
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
-        self.tp_token_mismatches: Optional[torch.Tensor] = None  # on the device, mirrored to the host:
-        self.tp_mismatches_host: Optional[torch.Tensor] = None
+        self.token_id_sync = TokenIdSync()  # under TP
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -309,13 +308,7 @@ class ESampBackend(Sampler):
         the ranks diverged (`tp_token_mismatches` in /server_info)."""
         if self.tp_size == 1:
             return super()._sync_token_ids_across_tp(batch_next_token_ids, sampling_info)
-        low, mismatches = reconcile_token_ids(batch_next_token_ids, self.tp_sync_group)
-        if self.tp_token_mismatches is None:
-            self.tp_token_mismatches = torch.zeros((), dtype=torch.int64, device=low.device)
-            self.tp_mismatches_host = torch.zeros((), dtype=torch.int64, pin_memory=low.is_cuda)
-        self.tp_token_mismatches += mismatches
-        self.tp_mismatches_host.copy_(self.tp_token_mismatches, non_blocking=True)  # read later, never waited for
-        batch_next_token_ids.copy_(low)
+        self.token_id_sync(batch_next_token_ids, self.tp_sync_group)
 
     # -- lifecycle and observability ---------------------------------------------------------------
     def finish(self, rid: str, output_tokens: Optional[int] = None) -> Optional[dict]:
@@ -345,9 +338,33 @@ class ESampBackend(Sampler):
             "fallback_tokens": self.members.fallback_tokens,
             "dp_rank": self.dp_rank,
             "tp_size": self.tp_size,
-            "tp_token_mismatches": 0 if self.tp_token_mismatches is None else int(self.tp_mismatches_host),
+            "tp_token_mismatches": self.token_id_sync.mismatches,
             "config": dict(self.config.__dict__),
         }
+
+
+class TokenIdSync:
+    """Every TP rank takes the smallest id drawn for each row; the rows the ranks disagreed on
+    are counted on the device and copied to the host behind the step, read without waiting."""
+
+    def __init__(self) -> None:
+        self.on_device: Optional[torch.Tensor] = None
+        self.on_host: Optional[torch.Tensor] = None
+
+    def __call__(self, token_ids: torch.Tensor, group: Any) -> None:
+        """Replace `token_ids` in place by the ids every rank agrees on."""
+        low, mismatches = reconcile_token_ids(token_ids, group)
+        if self.on_device is None:
+            self.on_device = torch.zeros((), dtype=torch.int64, device=low.device)
+            self.on_host = torch.zeros((), dtype=torch.int64, pin_memory=low.is_cuda)
+        self.on_device += mismatches
+        self.on_host.copy_(self.on_device, non_blocking=True)
+        token_ids.copy_(low)
+
+    @property
+    def mismatches(self) -> int:
+        """Rows counted so far, as far as the copies have landed (0 before any)."""
+        return 0 if self.on_host is None else int(self.on_host)
 
 
 def reconcile_token_ids(token_ids: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:

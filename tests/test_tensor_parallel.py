@@ -104,10 +104,14 @@ def rank_main(rank: int, workdir: str) -> None:
         out["embedding_rows"] = shard.rows(head[start:end], ids)
         out["fault"] = {variant: run(head[start:end].contiguous(), variant, shard, lag=1 + 2 * rank, fault_step=2)
                         for variant in ("latent", "reference")}
-        from sgl_esamp.patches.sampler_backend import reconcile_token_ids
+        from sgl_esamp.patches.sampler_backend import TokenIdSync
 
-        drawn = torch.tensor([5, 9, 3, 7, 11]) if rank == 0 else torch.tensor([5, 2, 3, 8, 11])
-        out["reconciled"] = reconcile_token_ids(drawn, None)
+        sync, agreed = TokenIdSync(), []  # the backend's own: two steps whose ids the ranks drew apart
+        for drawn in ([5, 9, 3, 7, 11], [4, 4, 4]) if rank == 0 else ([5, 2, 3, 8, 11], [4, 6, 4]):
+            ids = torch.tensor(drawn)
+            sync(ids, None)
+            agreed.append(ids.tolist())
+        out["reconciled"] = agreed, sync.mismatches
         torch.save(out, f"{workdir}/rank{rank}.pt")  # files: shared-memory tensors die with their process
     finally:
         dist.destroy_process_group()
@@ -163,7 +167,7 @@ def test_a_fault_resets_its_slot_on_every_rank_at_the_same_step_whatever_the_hos
 def test_the_ranks_take_the_smallest_id_drawn_and_count_the_rows_they_disagreed_on(sharded):
     for rank in range(WORLD):
         agreed, mismatches = sharded[rank]["reconciled"]
-        assert agreed.tolist() == [5, 2, 3, 7, 11] and int(mismatches) == 2
+        assert agreed == [[5, 2, 3, 7, 11], [4, 4, 4]] and mismatches == 2 + 1  # counted over the steps
 
 
 def test_embedding_rows_from_shards(sharded):
