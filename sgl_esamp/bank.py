@@ -6,10 +6,11 @@ time one of its rows is seen. When its last member leaves, the group is *retaine
 its slot keeps the trained Distiller, so a later member of the same group continues
 from it (SGLang prefills an n > 1 prompt in a separate warm-up request that finishes
 before the n samples start; a frontend program's forks make several calls), and it is
-the first to be reclaimed when a slot is needed. When every slot is taken, retained
-groups are evicted first, then the least recently used *idle* group (none of its rows
-in the step being assigned); if every group is busy, the newcomer's rows fall back to
-plain sampling for this step and the fallback is counted, never raised. A reclaimed
+the first to be reclaimed when a slot is needed. When every slot is taken, the least
+recently used retained group is evicted; a group with running members keeps its slot,
+even in steps it has no rows in, unless it has had none for STALE_STEPS steps (a request
+paused or lost); if no slot can be reclaimed, the newcomer's rows fall back to plain
+sampling for this step and the fallback is counted, never raised. A reclaimed
 slot is reported fresh, so no state passes from one group to another.
 """
 
@@ -43,7 +44,7 @@ class BankStats:
 
 
 class GroupBank:
-    """Maps group keys to slots with LRU eviction of idle groups."""
+    """Maps group keys to slots; reclaims retained (then stale) groups, least recently used first."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots

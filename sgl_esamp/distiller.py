@@ -183,10 +183,6 @@ class DistillerBank:
         self.flat = self.rows[:num_slots]  # [S, P]
         self.params: dict[str, torch.Tensor] = self.views(self.flat)
 
-    @property
-    def num_params(self) -> int:
-        return self.init_flat.numel()
-
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views [rows, ...] of a flat [rows, P] tensor laid out as `flat`."""
         sizes = [math.prod(shape) for shape in self.shapes.values()]

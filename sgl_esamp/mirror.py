@@ -18,7 +18,7 @@ import torch
 
 
 class HostMirror:
-    def __init__(self, values: torch.Tensor):
+    def __init__(self, values: torch.Tensor) -> None:
         self.values = values  # the device tensor mirrored
         self.in_flight: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
         self.latest: Optional[torch.Tensor] = None

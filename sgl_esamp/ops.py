@@ -1,6 +1,7 @@
 """Which code runs each part of a step: the torch path (the CPU's, and every kernel's
-reference) or the Triton kernels (a GPU's). This is the one module above both; the torch
-modules never import the kernels, and the kernels import only leaf modules and torch helpers.
+reference) or the Triton kernels (a GPU's). This is the one module above both: the torch
+modules never import the kernels (the kernels import the torch modules they share contracts
+and constants with), and this one imports the kernels only when the Triton path runs.
 
 Per variant and step on the Triton path: two tap gathers, one Distiller forward, one
 keep-fuse-draw (with the signal), and a training step of four launches (two for the
@@ -128,5 +129,7 @@ class TritonOps(TorchOps):
         train_step_triton(trainer, step, forward, outcome, philox, draws)
 
 
-def ops_for(device: torch.device) -> type[TorchOps]:
-    return TritonOps if kernels_for(device) == "triton" else TorchOps
+def ops_for(device: torch.device, state_dtype: torch.dtype = torch.float32) -> type[TorchOps]:
+    """The path for a bank on `device` holding its state in `state_dtype`: the kernels compute
+    in float32 only, so a float64 bank (`ESampConfig.state_dtype`) takes the torch path."""
+    return TritonOps if kernels_for(device) == "triton" and state_dtype == torch.float32 else TorchOps

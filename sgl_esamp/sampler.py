@@ -81,7 +81,7 @@ class ESampSampler:
         self.lm_head_weight = lm_head_weight
         self.vocab_shard = vocab_shard
         device = lm_head_weight.device
-        self.ops = ops_for(device)
+        self.ops = ops_for(device, config.torch_state_dtype)
         init = initial_weights(config, self.variant, lm_head_weight.shape[1], target_norm_weight, last_mlp)
         with torch.inference_mode(False):  # trainable state must not be inference tensors
             self.distillers = DistillerBank(init, config.num_slots, device, config.torch_state_dtype)

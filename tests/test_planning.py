@@ -4,22 +4,17 @@ counts a response reports; these check the plan itself, where the cases that are
 produce on a server (one group prefilling two prompts in one step, a group evicted and back)
 are easy to build."""
 
+from types import SimpleNamespace
+
 import pytest
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from types import SimpleNamespace
 
 from sgl_esamp import LATENT
 from sgl_esamp.patches import harness
 from sgl_esamp.patches.planning import Members, plan_step
+from test_backend import runtime  # noqa: F401  (the fixture: SGLang's runtime published, a random model)
 
-HIDDEN, VOCAB, LAYERS = 64, 1000, 4
 SERVER_BUDGET = 256  # --esamp-prefill-pairs' default: the harness's server runs with it
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_model):
-    harness.publish(tiny_model)
-    return harness.Model.random(HIDDEN, VOCAB, LAYERS)
 
 
 @pytest.fixture

@@ -77,3 +77,9 @@ def test_the_tap_kernel_gathers_what_the_torch_tap_gathers(tap):
                             "norm": (torch.ones(3 * H), 1e-6)}}[tap]
     torch.testing.assert_close(TritonOps.tap_rows(table, index, **kwargs), tap_rows(table, index, **kwargs),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_bank_takes_the_torch_path_where_the_kernels_would_run(monkeypatch):
+    monkeypatch.setenv("ESAMP_KERNELS", "triton")  # what a GPU picks by itself
+    assert ESampSampler(ESampConfig(num_slots=1, rank=4), head()).ops is TritonOps
+    assert ESampSampler(ESampConfig(num_slots=1, rank=4, state_dtype="float64"), head()).ops is TorchOps

@@ -380,7 +380,7 @@ def _slot_grad_kernel(
 @triton.jit
 def _adamw_kernel(
     params_ptr, exp_avg_ptr, exp_avg_sq_ptr, init_ptr, grad_ptr,
-    distinct_ptr, fresh_ptr, update_ptr, step_ptr,
+    distinct_ptr, restart_ptr, update_ptr, step_ptr,
     P, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
     BLOCK_P: tl.constexpr,
 ):
@@ -388,10 +388,10 @@ def _adamw_kernel(
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_p = offs < P
     slot = tl.load(distinct_ptr + d)
-    fresh_flag = tl.load(fresh_ptr + d)
-    reused = fresh_flag == 0
+    restart_flag = tl.load(restart_ptr + d)
+    reused = restart_flag == 0
     update = tl.load(update_ptr + d) != 0
-    if (fresh_flag != 0) | update:  # otherwise the slot keeps what it holds: nothing to write
+    if (restart_flag != 0) | update:  # otherwise the slot keeps what it holds: nothing to write
         row = slot * P + offs
         p = tl.load(tl.where(reused, params_ptr + row, init_ptr + offs), mask=in_p, other=0.0)
         m = tl.load(exp_avg_ptr + row, mask=in_p & reused, other=0.0)
@@ -553,7 +553,7 @@ def adamw_rows(
     init: torch.Tensor,
     grad: torch.Tensor,
     distinct: torch.Tensor,
-    fresh: torch.Tensor,
+    restart: torch.Tensor,
     update: torch.Tensor,
     step: torch.Tensor,
     lr: float,
@@ -563,7 +563,7 @@ def adamw_rows(
     eps: float,
 ) -> None:
     """In place on the bank rows [S + 1, P] of the segments' slots: base = (init, zero moments) if
-    fresh[d] else the slot's row and moments; one AdamW step on it with grad[d] at step count
+    restart[d] (a new group, or a fault) else the slot's row and moments; one AdamW step on it with grad[d] at step count
     step[d] (float32, this step included) if update[d], else the base as is. Other rows (idle
     slots, the spare row) are never touched. One launch, grid (D, cdiv(P, BLOCK_P))."""
     S1, P = params.shape
@@ -578,7 +578,7 @@ def adamw_rows(
     log_beta = lambda beta: math.log(beta) if beta > 0 else float("-inf")
     _adamw_kernel[(D, triton.cdiv(P, BLOCK_P))](
         params, exp_avg, exp_avg_sq, init.float().contiguous(), grad.float().contiguous(),
-        _i64(distinct), _i64(fresh), _i64(update), step.float().contiguous(),
+        _i64(distinct), _i64(restart), _i64(update), step.float().contiguous(),
         P, lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, log_beta(beta1), log_beta(beta2), eps,
         BLOCK_P=BLOCK_P,
     )

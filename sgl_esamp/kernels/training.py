@@ -27,6 +27,8 @@ from ..training import ADAM_BETAS, ADAM_EPS, DistillerTrainer
 from .distiller import adamw_rows, grad_rows
 
 BLOCK = 128
+# _decide_kernel writes the statistics row by these offsets (stats.COLUMNS)
+assert (S.STEPS, S.PAIRS, S.LAST_LOSS, S.LOSS_SUM, S.FAULTS, S.FAULT_RESETS, S.GENERATION, S.SIGNAL) == tuple(range(8))
 
 
 @triton.jit

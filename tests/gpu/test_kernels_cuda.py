@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sgl_esamp import DrawInputs, ESampStep, Sampled, TorchOps, TritonOps
+from sgl_esamp import DrawInputs, Sampled, TorchOps, TritonOps
 from sgl_esamp.fusion import fused_draw_torch
 from sgl_esamp.kernels.draw import fused_draw_triton
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import creative, metrics, reasoning, writing
-from .methods import SHORT, TOP_P, Method
+from .methods import TOP_P, Method
 from .metrics import OPEN_ENDED
 
 TOP_K = 256  # = --esamp-max-candidates: every frontier point gets the cap ESamp fuses under
@@ -49,7 +49,6 @@ BASELINES = ("temperature", "min_p")  # families whose points form curves
 # named so that its checkpoint (docs/eval/frontier/dev) still reads
 ESAMP_FAMILIES = ("latent", "reference", "per_branch", "prompt_learning", "kl_budget")
 REASONING_FAMILIES = ("temperature", *ESAMP_FAMILIES)  # min-p: open-ended only (the reasoning curve is T)
-Z_POWER = None  # (z_0.975 + z_0.8), filled on first use
 
 
 @dataclass(frozen=True)
