@@ -563,9 +563,10 @@ def adamw_rows(
     eps: float,
 ) -> None:
     """In place on the bank rows [S + 1, P] of the segments' slots: base = (init, zero moments) if
-    restart[d] (a new group, or a fault) else the slot's row and moments; one AdamW step on it with grad[d] at step count
-    step[d] (float32, this step included) if update[d], else the base as is. Other rows (idle
-    slots, the spare row) are never touched. One launch, grid (D, cdiv(P, BLOCK_P))."""
+    restart[d] (a new group, or a fault) else the slot's row and moments; one AdamW step on it
+    with grad[d] at step count step[d] (float32, this step included) if update[d], else the base
+    as is. Other rows (idle slots, the spare row) are never touched. One launch, grid
+    (D, cdiv(P, BLOCK_P))."""
     S1, P = params.shape
     for name, t in (("params", params), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.shape != (S1, P) or t.dtype != torch.float32 or not t.is_contiguous():
