@@ -28,14 +28,12 @@ def prompt_request(tokens, **custom_params):
     return req
 
 
-def prefill(backend, members, reqs, prefixes=None):
-    """Plan one extend step of `reqs`, each prefilling its whole prompt (after `prefixes`
-    cached tokens); returns {group: the pair rows it learns} and lays the step out, as the
-    backend does (which starts the fresh slots' new Distillers)."""
-    prefixes = prefixes or [0] * len(reqs)
+def prefill(backend, members, reqs):
+    """Plan one extend step of `reqs`, each prefilling its whole prompt; returns {group: the
+    pair rows it learns} and lays the step out, as the backend does (which starts the fresh
+    slots' new Distillers)."""
     batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, _esamp_reqs=list(reqs),
-                            extend_prefix_lens_cpu=prefixes,
-                            extend_seq_lens_cpu=[r.seqlen - p for r, p in zip(reqs, prefixes)])
+                            extend_prefix_lens_cpu=[0] * len(reqs), extend_seq_lens_cpu=[r.seqlen for r in reqs])
     (plan,) = plan_step(batch, backend.config, members, backend.engine)
     plan.engine.layout(plan.pairs, plan.sampled)
     learnt = {}

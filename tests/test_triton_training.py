@@ -9,37 +9,29 @@ import os
 import pytest
 import torch
 
-from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, TorchOps, TritonOps
+from sgl_esamp import ESampConfig, ESampSampler, TorchOps, TritonOps
 from sgl_esamp import stats as S
 from sgl_esamp.variants import tap_rows
+
+from gpu.steps import EngineBuffers, backend_step, filters, head_weight  # the GPU checks' step, built as the backend builds it
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 VOCAB, H = 300, 48
-TOP_K_ALL = 1 << 30
 
 
-def head(seed=0):
-    return torch.randn(VOCAB, H, generator=torch.Generator().manual_seed(seed)) / H**0.5
+def head():
+    return head_weight(VOCAB, H, device="cpu", dtype=torch.float32)
 
 
-def step_inputs(sampler, rows, seed, poison=None):
-    """One decode step's inputs as the backend lays them out; `poison`: a group whose shallow
-    state is NaN in this step (its slot must fault, skip its update and restart)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = len(rows)
-    layout = sampler.decode_layout(sampler.assign_slots(rows), [0.5] * n)
-    hidden, last = torch.randn(n, 2 * H, generator=gen), torch.randn(n, H, generator=gen)
+def step(sampler, rows, seed, poison=None):
+    """One decode step of (group, member) rows as the backend makes it; `poison`: a group whose
+    shallow state is NaN in this step (its slot must fault, skip its update and restart)."""
+    buffers = EngineBuffers.random(len(rows), sampler.lm_head_weight, seed)
     if poison is not None:
-        hidden[[i for i, (group, _) in enumerate(rows) if group == poison]] = float("nan")
-    logits = (last @ sampler.lm_head_weight.T) * 3
-    filt = Filters(torch.tensor([0.8, 1.0, 0.7] * (n // 3) + [0.8] * (n % 3)), torch.full((n,), TOP_K_ALL),
-                   torch.full((n,), 0.95), torch.zeros(n))
-    probs = torch.softmax(logits / filt.temperatures.view(-1, 1), -1)
-    shallow = sampler.ops.tap_rows(hidden, layout.sources, columns=(0, H))
-    deep = sampler.ops.tap_rows(last, layout.sources)
-    return ESampStep(layout, shallow, deep), probs, logits.index_select(0, layout.batch_rows), filt
+        buffers.hidden[[i for i, (group, _) in enumerate(rows) if group == poison]] = float("nan")
+    backend_step(sampler, buffers, rows, filters(len(rows), device="cpu"))
 
 
 def test_a_training_step_of_the_kernels_is_the_torch_paths_step():
@@ -55,7 +47,7 @@ def test_a_training_step_of_the_kernels_is_the_torch_paths_step():
     ]
     for seed, (rows, poison) in enumerate(schedule):
         for sampler in paths.values():
-            sampler.sample(*step_inputs(sampler, rows, seed, poison))
+            step(sampler, rows, seed, poison)
     ours, ref = paths["triton"], paths["torch"]
     assert ref.trainer.stats[ref.groups.slot_of("b"), S.FAULT_RESETS] == 1  # the case under test happened
     torch.testing.assert_close(ours.distillers.rows, ref.distillers.rows, rtol=1e-4, atol=1e-6)
