@@ -12,8 +12,10 @@ finished prompt.
 
 The host sorts the pair rows by slot (segment d holds rows starts[d] .. starts[d+1] - 1,
 learnt rows first), so that every group's Distiller sees only its own rows, and kernels
-address a segment as one contiguous block. The number of distinct slots and the largest
-segment are shapes the host knows, so the device never reports a count back. Every
+address a segment as one contiguous block; the host also cuts each segment into tiles of
+ROW_TILE rows, so that the row kernels run one program per tile and a big group spreads over
+many programs. The number of distinct slots, of tiles and the largest segment are shapes the
+host knows, so the device never reports a count back. Every
 array, the betas included (as float64 bits), travels in one packed host-to-device copy.
 """
 
@@ -47,6 +49,9 @@ class SampledRow(NamedTuple):
     beta: float
 
 
+ROW_TILE = 16  # pair rows per program of the Distiller's row kernels (tl.dot's smallest tile)
+
+
 class StepLayout(NamedTuple):
     """Device views of one packed copy; pair rows sorted by segment, learnt rows first."""
 
@@ -57,6 +62,8 @@ class StepLayout(NamedTuple):
     fresh: torch.Tensor  # [D] 1: the slot was (re)assigned to its group this step and starts from init
     starts: torch.Tensor  # [D + 1] first pair row of each segment
     learn_counts: torch.Tensor  # [D] learnt rows of each segment (its first ones)
+    tile_segments: torch.Tensor  # [T] segment of each tile: ROW_TILE consecutive pair rows of one segment
+    tile_rows: torch.Tensor  # [T] the tile's first pair row
     batch_rows: torch.Tensor  # [n] engine batch rows drawn
     sampled_pairs: torch.Tensor  # [n] the pair row each is predicted from
     sampled_segments: torch.Tensor  # [n] its segment
@@ -72,8 +79,8 @@ class StepLayout(NamedTuple):
 
     @staticmethod
     def host_layout(pairs: Sequence[PairRow], sampled: Sequence[SampledRow],
-                    fresh_slots: Collection[int]) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """The layout as one flat int64 host tensor and its shape (M, D, n, width)."""
+                    fresh_slots: Collection[int]) -> tuple[torch.Tensor, "Shape"]:
+        """The layout as one flat int64 host tensor (the fields of PACKED, in order) and its shape."""
         segment_of: dict[int, int] = {}
         for pair in pairs:
             segment_of.setdefault(pair.slot, len(segment_of))
@@ -92,19 +99,29 @@ class StepLayout(NamedTuple):
         starts = [0]
         for count in counts:
             starts.append(starts[-1] + count)
+        tiles = [(d, starts[d] + first) for d, count in enumerate(counts) for first in range(0, count, ROW_TILE)]
         sampled_pairs = [new_index[row.pair] for row in sampled]
+        fields = {  # PACKED's order
+            "sources": [pairs[i].source for i in order], "segment": segment, "position": position,
+            "distinct": distinct, "fresh": [int(slot in fresh_slots) for slot in distinct], "starts": starts,
+            "learn_counts": learn_counts, "tile_segments": [d for d, _ in tiles], "tile_rows": [row for _, row in tiles],
+            "batch_rows": [row.batch_row for row in sampled], "sampled_pairs": sampled_pairs,
+            "sampled_segments": [segment[p] for p in sampled_pairs],
+        }
         betas = torch.tensor([row.beta for row in sampled], dtype=torch.float64).view(torch.int64)  # bits, not a cast
-        ints = ([pairs[i].source for i in order] + segment + position + distinct
-                + [int(slot in fresh_slots) for slot in distinct] + starts + learn_counts
-                + [row.batch_row for row in sampled] + sampled_pairs + [segment[p] for p in sampled_pairs])
-        flat = torch.cat([torch.tensor(ints, dtype=torch.int64), betas])
-        return flat, (len(pairs), len(distinct), len(sampled), max(counts, default=0))
+        flat = torch.cat([torch.tensor([v for name in fields for v in fields[name]], dtype=torch.int64), betas])
+        return flat, Shape(len(pairs), len(distinct), len(sampled), len(tiles), max(counts, default=0))
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int, int, int]) -> "StepLayout":
-        m, d, n, width = shape
-        parts = flat.split([m, m, m, d, d, d + 1, d, n, n, n, n])
-        return cls(*parts[:-1], parts[-1].view(torch.float64), width)
+    def from_flat(cls, flat: torch.Tensor, shape: "Shape") -> "StepLayout":
+        parts = dict(zip(PACKED, flat.split([shape.length(name) for name in PACKED])))
+        parts["betas"] = parts["betas"].view(torch.float64)
+        return cls(**parts, width=shape.width)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every device tensor of the layout (views of the one packed copy)."""
+        return tuple(getattr(self, name) for name in PACKED)
 
     @property
     def num_rows(self) -> int:
@@ -117,3 +134,29 @@ class StepLayout(NamedTuple):
     @property
     def num_sampled(self) -> int:
         return self.batch_rows.numel()
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_segments.numel()
+
+
+class Shape(NamedTuple):
+    """The sizes of a packed layout, known to the host that built it."""
+
+    rows: int  # M pair rows
+    distinct: int  # D segments
+    sampled: int  # n sampled rows
+    tiles: int  # T row tiles
+    width: int  # rows of the largest segment
+
+    def length(self, name: str) -> int:
+        """Elements of field `name` in the packed copy."""
+        per = {"M": self.rows, "D": self.distinct, "D+1": self.distinct + 1, "T": self.tiles, "n": self.sampled}
+        return per[PACKED[name]]
+
+
+# The packed copy: every device field of StepLayout, in order, with its length (one spec for
+# pack and unpack); the betas (float64 bits) last.
+PACKED = {"sources": "M", "segment": "M", "position": "M", "distinct": "D", "fresh": "D", "starts": "D+1",
+          "learn_counts": "D", "tile_segments": "T", "tile_rows": "T", "batch_rows": "n", "sampled_pairs": "n",
+          "sampled_segments": "n", "betas": "n"}

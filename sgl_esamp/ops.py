@@ -71,9 +71,7 @@ class TorchOps:
         return fuse_candidates_torch(*args, vocab_shard)
 
     @staticmethod
-    def train(trainer: DistillerTrainer, step: ESampStep, forward: Any, outcome: Optional[Outcome],
-              philox: torch.Tensor, draws: int) -> None:
-        """The training step (philox is the Triton draw's: the torch draw uses a torch.Generator)."""
+    def train(trainer: DistillerTrainer, step: ESampStep, forward: Any, outcome: Optional[Outcome]) -> None:
         trainer.step(step, forward, outcome)
 
 
@@ -92,9 +90,7 @@ class TritonOps(TorchOps):
     def forward(bank: DistillerBank, step: ESampStep) -> Any:
         from .kernels.distiller import forward_rows
 
-        layout = step.layout
-        return forward_rows(step.shallow, bank.rows, bank.init_flat, layout.distinct, layout.fresh, layout.starts,
-                            layout.width)
+        return forward_rows(bank, step.layout, step.shallow)
 
     @staticmethod
     def sampled(forward: Any, step: ESampStep) -> Sampled:
@@ -122,11 +118,10 @@ class TritonOps(TorchOps):
         return fuse_candidates_triton(*args)
 
     @staticmethod
-    def train(trainer: DistillerTrainer, step: ESampStep, forward: Any, outcome: Optional[Outcome],
-              philox: torch.Tensor, draws: int) -> None:
+    def train(trainer: DistillerTrainer, step: ESampStep, forward: Any, outcome: Optional[Outcome]) -> None:
         from .kernels.training import train_step_triton
 
-        train_step_triton(trainer, step, forward, outcome, philox, draws)
+        train_step_triton(trainer, step, forward, outcome)
 
 
 def ops_for(device: torch.device, state_dtype: torch.dtype = torch.float32) -> type[TorchOps]:

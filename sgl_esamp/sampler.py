@@ -137,7 +137,7 @@ class ESampSampler:
         drawn = self.ops.draw(DrawInputs(probs_sorted, token_ids, logits, filters), self.ops.sampled(forward, step),
                               self.lm_head_weight, d_over_temperature=self.variant.d_over_temperature,
                               generator=self.generator, philox=self.philox, vocab_shard=self.vocab_shard, out=out)
-        self._train(step, forward, Outcome(drawn.faults, drawn.signal), draws=probs_sorted.numel())
+        self._train(step, forward, Outcome(drawn.faults, drawn.signal))
         return drawn.tokens
 
     @torch.no_grad()
@@ -160,23 +160,23 @@ class ESampSampler:
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
         signal = row_signal(prediction, step.deep.index_select(0, layout.sampled_pairs), candidates.weights, weights,
                             z, fused.head_logits)
-        self._train(step, forward, Outcome(faults, signal), draws=0)
+        self._train(step, forward, Outcome(faults, signal))
         return Candidates(weights, candidates.token_ids)
 
     @torch.no_grad()
     def learn(self, step: ESampStep) -> None:
         """Predict and train on pairs seen without sampling (e.g. a prompt prefilled alone)."""
         self.trainer.wait()
-        self._train(step, self.ops.forward(self.distillers, step), None, draws=0)
+        self._train(step, self.ops.forward(self.distillers, step), None)
 
-    def _train(self, step: ESampStep, forward, outcome: Optional[Outcome], draws: int) -> None:
+    def _train(self, step: ESampStep, forward, outcome: Optional[Outcome]) -> None:
         """Queue the training step behind the step so far, then the host mirror's copy of the
-        statistics; `draws`: Philox counters the draw used."""
+        statistics."""
         def work() -> None:
-            self.ops.train(self.trainer, step, forward, outcome, self.philox, draws)
+            self.ops.train(self.trainer, step, forward, outcome)
             self.mirror.publish()
 
-        held = (*step.layout[:-1], step.shallow, step.deep, *forward) + (tuple(outcome) if outcome else ())
+        held = (*step.layout.tensors, step.shallow, step.deep, *forward) + (tuple(outcome) if outcome else ())
         self.trainer.run_async(work, tuple(t for t in held if isinstance(t, torch.Tensor)))
 
     # -- observability -----------------------------------------------------------------------

@@ -21,6 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sgl_esamp import DistillerBank, DistillerTrainer, PairRow, StepLayout
+from sgl_esamp.distiller import DistillerInit
+
 pytest.importorskip("triton")
 
 LN_EPS = 1e-5
@@ -31,6 +34,14 @@ PARTS = ("A", "G", "b", "B", "gain", "bias")
 def kernels():
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest turns the interpreter on for CPU runs"
     import sgl_esamp.kernels.distiller as module
+
+    return module
+
+
+@pytest.fixture(scope="module")
+def training_kernels():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest turns the interpreter on for CPU runs"
+    import sgl_esamp.kernels.training as module
 
     return module
 
@@ -49,27 +60,21 @@ def views(flat: torch.Tensor, H: int, r: int) -> dict[str, torch.Tensor]:
     return {name: part.view(shape) for name, part, shape in zip(PARTS, flat.split(sizes, dim=-1), shapes)}
 
 
-class Layout(NamedTuple):
-    distinct: torch.Tensor
-    fresh: torch.Tensor
-    starts: torch.Tensor
-    learn_counts: torch.Tensor
-    width: int
+def layout_of(slots, sizes, learn, fresh) -> StepLayout:
+    """The host's layout of segments of `sizes` rows in slots `slots` (distinct), the first `learn`
+    of each learnt, the slots flagged in `fresh` (0/1 per segment) reassigned this step."""
+    pairs = []
+    for slot, size, n in zip(slots, sizes, learn):
+        pairs += [PairRow(len(pairs), slot, i < n) for i in range(size)]
+    return StepLayout.build(pairs, [], {slot for slot, f in zip(slots, fresh) if f})
 
-    @classmethod
-    def of(cls, slots, sizes, learn, fresh) -> "Layout":
-        starts = [0]
-        for n in sizes:
-            starts.append(starts[-1] + n)
-        as_long = lambda v: torch.tensor(v, dtype=torch.int64)
-        return cls(as_long(slots), as_long(fresh), as_long(starts), as_long(learn), max(sizes))
 
-    @property
-    def segments(self):
-        """(d, slot, fresh, first row, rows, learnt rows) for each segment."""
-        s = self.starts.tolist()
-        for d, (slot, fr, n) in enumerate(zip(self.distinct.tolist(), self.fresh.tolist(), self.learn_counts.tolist())):
-            yield d, slot, bool(fr), s[d], s[d + 1] - s[d], n
+def segments(layout: StepLayout):
+    """(d, slot, fresh, first row, rows, learnt rows) for each segment."""
+    s = layout.starts.tolist()
+    for d, (slot, fr, n) in enumerate(zip(layout.distinct.tolist(), layout.fresh.tolist(),
+                                           layout.learn_counts.tolist())):
+        yield d, slot, bool(fr), s[d], s[d + 1] - s[d], n
 
 
 def random_row(H: int, r: int, gen: torch.Generator) -> torch.Tensor:
@@ -92,6 +97,15 @@ def bank(num_slots: int, H: int, r: int, seed: int) -> tuple[torch.Tensor, torch
     return params, random_row(H, r, gen)
 
 
+def distiller_bank(params: torch.Tensor, init: torch.Tensor, H: int) -> DistillerBank:
+    """A DistillerBank holding exactly these rows [S + 1, P] (the same tensor: writes show in
+    `params`) and this initial row."""
+    r = (params.shape[1] - 2 * H) // (3 * H + 1)
+    held = DistillerBank(DistillerInit(**views(init, H, r)), params.shape[0] - 1, "cpu", torch.float32)
+    held.rows = params
+    return held
+
+
 def distiller(x: torch.Tensor, p: dict[str, torch.Tensor]):
     """The documented Distiller on rows x [n, H] (float64)."""
     up = x @ p["A"]
@@ -112,7 +126,7 @@ class Reference(NamedTuple):
     grad: torch.Tensor
 
 
-def reference(x, y, params, init, layout: Layout) -> Reference:
+def reference(x, y, params, init, layout: StepLayout) -> Reference:
     M, H = x.shape
     P = params.shape[1]
     r = (P - 2 * H) // (3 * H + 1)
@@ -121,7 +135,7 @@ def reference(x, y, params, init, layout: Layout) -> Reference:
     out = {k: v.double() for k, v in out.items()}
     mean, rstd, row_loss = (torch.zeros(M, dtype=torch.float64) for _ in range(3))
     grad = torch.zeros(layout.distinct.numel(), P, dtype=torch.float64)
-    for d, slot, fresh, start, count, n in layout.segments:
+    for d, slot, fresh, start, count, n in segments(layout):
         flat = (init if fresh else params[slot]).double().clone().requires_grad_(True)
         rows = slice(start, start + count)
         pred, u, up, gate = distiller(x[rows], views(flat, H, r))
@@ -150,16 +164,16 @@ def assert_grads_close(got: torch.Tensor, ref: torch.Tensor, H: int, r: int, **k
             assert_close(g[name], e[name], what=f"segment {d} d{name}", **kw)
 
 
-def rows_for(layout: Layout, H: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_for(layout: StepLayout, H: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     M = int(layout.starts[-1])
     return torch.randn(M, H, generator=gen), torch.randn(M, H, generator=gen)
 
 
-def run(kernels, x, y, params, init, layout: Layout):
-    fwd = kernels.forward_rows(x, params, init, layout.distinct, layout.fresh, layout.starts, layout.width)
-    got = kernels.grad_rows(fwd, x, y, params, init, layout.distinct, layout.fresh, layout.starts,
-                            layout.learn_counts, layout.width)
+def run(kernels, x, y, params, init, layout: StepLayout):
+    held = distiller_bank(params, init, x.shape[1])
+    fwd = kernels.forward_rows(held, layout, x)
+    got = kernels.grad_rows(held, layout, fwd, x, y)
     return fwd, got
 
 
@@ -175,8 +189,10 @@ CASES = {
     "rank1024-H24": dict(H=24, r=1024, slots=[2], sizes=[3], learn=[2], fresh=[0]),
     # rank in two tiles (BLOCK_R 128), H in two contraction chunks of 16
     "rank200-H24": dict(H=24, r=200, slots=[0, 3], sizes=[3, 2], learn=[2, 2], fresh=[0, 1]),
-    # 70 rows: two row blocks of 64 (5 steps of 16 in the reduction); r and H in several tiles
+    # 70 rows: five row tiles of 16 (5 steps of 16 in the reduction); r and H in several tiles
     "70rows-H72-r80": dict(H=72, r=80, slots=[4, 1], sizes=[70, 3], learn=[65, 0], fresh=[0, 1]),
+    # H in three column blocks of 128 (the last one partial): the row statistics combined over blocks
+    "3blocks-H300-r40": dict(H=300, r=40, slots=[2, 0], sizes=[20, 3], learn=[17, 1], fresh=[0, 1]),
 }
 
 
@@ -184,7 +200,7 @@ CASES = {
 def test_forward_and_gradients_match_the_float64_reference(kernels, case):
     c = CASES[case]
     H, r = c["H"], c["r"]
-    layout = Layout.of(c["slots"], c["sizes"], c["learn"], c["fresh"])
+    layout = layout_of(c["slots"], c["sizes"], c["learn"], c["fresh"])
     params, init = bank(5, H, r, seed=len(case))
     x, y = rows_for(layout, H, seed=H + r)
     params_before = params.clone()
@@ -199,20 +215,19 @@ def test_forward_and_gradients_match_the_float64_reference(kernels, case):
     assert_grads_close(got.grad, ref.grad, H, r)
     assert got.nonfinite.dtype == torch.int32 and got.nonfinite.tolist() == [0] * len(c["slots"])
     assert torch.equal(params, params_before)
-    for d, _, _, start, count, n in layout.segments:
+    for d, _, _, start, count, n in segments(layout):
         assert (got.row_loss[start + n:start + count] == 0).all()  # rows only predicted weigh nothing
         if n == 0:
             assert (got.grad[d] == 0).all()
     # deterministic: a second backward is bit for bit the same
-    again = kernels.grad_rows(fwd, x, y, params, init, layout.distinct, layout.fresh, layout.starts,
-                              layout.learn_counts, layout.width)
+    again = kernels.grad_rows(distiller_bank(params, init, H), layout, fwd, x, y)
     assert torch.equal(again.grad, got.grad) and torch.equal(again.row_loss, got.row_loss)
 
 
 def test_a_fresh_segment_uses_init_not_its_slots_row(kernels):
     H, r = 24, 4
-    layout = Layout.of([1, 1], [2, 3], [2, 3], [0, 0])
-    fresh = layout._replace(fresh=torch.tensor([1, 0]))
+    layout = layout_of([1, 2], [2, 3], [2, 3], [0, 0])
+    fresh = layout_of([1, 2], [2, 3], [2, 3], [1, 0])
     params, init = bank(3, H, r, seed=9)
     x, y = rows_for(layout, H, seed=1)
     fwd, got = run(kernels, x, y, params, init, fresh)
@@ -221,16 +236,18 @@ def test_a_fresh_segment_uses_init_not_its_slots_row(kernels):
     fwd_init, got_init = run(kernels, x, y, alone, init, layout)
     assert torch.equal(fwd.prediction[:2], fwd_init.prediction[:2])
     assert torch.equal(got.grad[0], got_init.grad[0])
+    assert torch.equal(fwd.prediction[2:], fwd_init.prediction[2:])  # the other segment reads its own slot
     assert not torch.allclose(fwd.prediction[:2], run(kernels, x, y, params, init, layout)[0].prediction[:2])
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # SiLU of gates ~ ±1000 (interpreter's numpy)
-def test_layernorm_statistics_on_rows_with_a_large_mean(kernels):
+@pytest.mark.parametrize("H", [40, 300])  # one column block, and three (statistics combined over blocks)
+def test_layernorm_statistics_on_rows_with_a_large_mean(kernels, H):
     """Hidden states with |mean| ~ 1000-3000 and std ~ 10: the two-pass variance keeps rstd to
     float32 precision, where E[u²] - E[u]² would lose ~ u·(mean/std)² ≈ 1e-3..1e-2 of it.
     The prediction's error is the rounding of the mean itself, ~ u·mean/std ≈ 2e-5, hence its atol."""
-    H, r = 40, 4
-    layout = Layout.of([0, 2], [3, 4], [3, 2], [0, 0])
+    r = 4
+    layout = layout_of([0, 2], [3, 4], [3, 2], [0, 0])
     params, init = bank(3, H, r, seed=4)
     for row in params:  # B = 0 (as zero_delta_init): u = x exactly, all the error is the statistics'
         views(row, H, r)["B"].zero_()
@@ -250,7 +267,7 @@ def test_layernorm_statistics_on_rows_with_a_large_mean(kernels):
 def test_a_nan_row_flags_only_its_own_segment(kernels):
     H, r = 24, 4
     c = CASES["uneven-H24-r4"]
-    layout = Layout.of(c["slots"], c["sizes"], c["learn"], c["fresh"])
+    layout = layout_of(c["slots"], c["sizes"], c["learn"], c["fresh"])
     params, init = bank(5, H, r, seed=3)
     x, y = rows_for(layout, H, seed=8)
     fwd, clean = run(kernels, x, y, params, init, layout)
@@ -320,7 +337,14 @@ def adamw_formula(p, m, v, g, t):
     return p, m, v
 
 
-def test_adamw_rows_steps_only_the_segments_slots(kernels):
+def trainer(params, exp_avg, exp_avg_sq, init, H) -> DistillerTrainer:
+    """A trainer (lr LR, weight decay WD) over exactly these bank rows and moments."""
+    held = DistillerTrainer(distiller_bank(params, init, H), LR, WD)
+    held.exp_avg_rows, held.exp_avg_sq_rows = exp_avg, exp_avg_sq
+    return held
+
+
+def test_adamw_rows_steps_only_the_segments_slots(training_kernels):
     H, r = 24, 4
     P = flat_size(H, r)
     S = 5
@@ -335,8 +359,8 @@ def test_adamw_rows_steps_only_the_segments_slots(kernels):
     grad = 0.1 * torch.randn(4, P, generator=gen)
     grad[0, :10] *= 1e-6  # gradients near eps
     before = [t.clone() for t in (params, exp_avg, exp_avg_sq)]
-    kernels.adamw_rows(params, exp_avg, exp_avg_sq, init, grad, distinct, fresh, update, step,
-                       LR, WD, BETAS[0], BETAS[1], EPS)
+    training_kernels.adamw_rows(trainer(params, exp_avg, exp_avg_sq, init, H), distinct, grad,
+                                training_kernels.Decisions(fresh, update, step))
 
     zeros = torch.zeros(P)
     expected = {3: torch_adamw(before[0][3], before[1][3], before[2][3], grad[0], 7),
@@ -359,11 +383,11 @@ def test_adamw_rows_steps_only_the_segments_slots(kernels):
     assert (exp_avg[4] == 0).all() and (exp_avg_sq[4] == 0).all()
 
 
-def test_adamw_rows_with_no_segment_is_a_no_op(kernels):
+def test_adamw_rows_with_no_segment_is_a_no_op(training_kernels):
     params, init = bank(2, 24, 4, seed=0)
     m, v = torch.zeros_like(params), torch.zeros_like(params)
     before = params.clone()
     empty = torch.zeros(0, dtype=torch.int64)
-    kernels.adamw_rows(params, m, v, init, torch.zeros(0, params.shape[1]), empty, empty, empty,
-                       torch.zeros(0), LR, WD, *BETAS, EPS)
+    training_kernels.adamw_rows(trainer(params, m, v, init, 24), empty, torch.zeros(0, params.shape[1]),
+                                training_kernels.Decisions(empty, empty, torch.zeros(0)))
     assert torch.equal(params, before)

@@ -26,22 +26,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..signal import ROW, TOP
+from ..signal import ROW
 from ..step import MAX_DRAW_K, DrawInputs, DrawResult, Sampled
+from .constants import ENTROPY_P, ENTROPY_Q, ERROR, GAP, KL, SAMPLING_EPS, SIGNAL_COLS, TOP, TV, TV_TOP3
 from .fusion import candidate_head_dot
 
-SAMPLING_EPS = 1e-6  # candidates.SAMPLING_EPS: below it a temperature means greedy
 TILE_ELEMENTS = 8192  # BLOCK_K * BLOCK_H: bounds the gathered [K, H] tile per loop step
 
 
-@triton.jit
+# The step's index arrays and the batch's per-row settings are read one value at a time; K
+# changes only with the server's --esamp-max-candidates, but never costs a compile.
+@triton.jit(do_not_specialize=["K"],
+            do_not_specialize_on_alignment=["pairs_ptr", "batch_rows_ptr", "betas_ptr", "temps_ptr", "top_ks_ptr",
+                                            "top_ps_ptr", "min_ps_ptr"])
 def _esamp_draw_kernel(
     probs_ptr, ids_ptr, logits_ptr, pred_ptr, target_ptr, pairs_ptr, batch_rows_ptr, head_ptr, betas_ptr,
     temps_ptr, top_ks_ptr, top_ps_ptr, min_ps_ptr,
     out_ptr, tokens_ptr, weights_ptr, d_ptr, kept_ptr, fault_ptr, signal_ptr, philox_ptr,
     K, H, logits_stride, head_stride,
-    D_OVER_T: tl.constexpr, HAS_OUT: tl.constexpr, TOP_RANKS: tl.constexpr, SIGNAL_COLS: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    D_OVER_T: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may exceed 2^31 for big batches
     batch_row = tl.load(batch_rows_ptr + row)
@@ -89,7 +92,7 @@ def _esamp_draw_kernel(
     # w_k / Σw (equivalent to Gumbel-max) with no normalisation and no cumulative sum.
     # Only positive weights compete; if none is positive (an empty row) rank 0 is returned.
     seed = tl.load(philox_ptr)
-    offset = tl.load(philox_ptr + 1)  # read on the device: advanced there after each step
+    offset = tl.load(philox_ptr + 1)  # read on the device: advanced there after each draw
     u = tl.rand(seed, offset + row * K + offs_k)  # Philox; each row its own counters
     e = -tl.log(u)  # u in [0, 1]: e in [0, inf]; e = 0 gives key inf, which still is a kept rank
     key = tl.where(w > 0, w / e, -1.0)
@@ -109,7 +112,7 @@ def _esamp_draw_kernel(
     entropy_q = -tl.sum(tl.where(q_n > 0, q_n * log_q, 0.0), axis=0)
     moved = tl.abs(q_n - p_n) * 0.5
     tv = tl.sum(moved, axis=0)
-    tv_top = tl.sum(tl.where(offs_k < TOP_RANKS, moved, 0.0), axis=0)
+    tv_top = tl.sum(tl.where(offs_k < TOP, moved, 0.0), axis=0)
     error = tl.zeros([BLOCK_H], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -127,13 +130,13 @@ def _esamp_draw_kernel(
     if HAS_OUT:
         tl.store(out_ptr + batch_row, token.to(out_ptr.dtype.element_ty))
     signal_row = signal_ptr + row * SIGNAL_COLS  # the columns of signal.ROW
-    tl.store(signal_row, error)
-    tl.store(signal_row + 1, kl)
-    tl.store(signal_row + 2, gap)
-    tl.store(signal_row + 3, entropy_p)
-    tl.store(signal_row + 4, entropy_q)
-    tl.store(signal_row + 5, tv)
-    tl.store(signal_row + 6, tv_top)
+    tl.store(signal_row + ERROR, error)
+    tl.store(signal_row + KL, kl)
+    tl.store(signal_row + GAP, gap)
+    tl.store(signal_row + ENTROPY_P, entropy_p)
+    tl.store(signal_row + ENTROPY_Q, entropy_q)
+    tl.store(signal_row + TV, tv)
+    tl.store(signal_row + TV_TOP3, tv_top)
 
 
 def fused_draw_triton(
@@ -146,9 +149,8 @@ def fused_draw_triton(
     out: Optional[torch.Tensor] = None,
 ) -> DrawResult:
     """Same contract as fusion.fused_draw_torch, drawing with Philox(seed, offset + row·K + k) for
-    philox = [seed, offset] (int64, on the device). A call uses counters offset .. offset + n·K - 1:
-    advance offset by at least n·K between calls with the same seed (the training step does,
-    on the device)."""
+    philox = [seed, offset] (int64, on the device); the call uses counters offset .. offset + n·K - 1
+    and advances offset past them, on the device."""
     probs_sorted, token_ids, logits, filters = inputs
     n, K = probs_sorted.shape
     H = sampled.prediction.shape[-1]
@@ -171,7 +173,7 @@ def fused_draw_triton(
         lm_head_weight, sampled.betas, *(t.view(-1) for t in filters),
         tokens if out is None else out, tokens, weights, d, kept, faults, signal, philox,
         K, H, logits.stride(0), lm_head_weight.stride(0),
-        D_OVER_T=d_over_temperature, HAS_OUT=out is not None, TOP_RANKS=TOP, SIGNAL_COLS=len(ROW),
-        BLOCK_K=block_k, BLOCK_H=block_h,
+        D_OVER_T=d_over_temperature, HAS_OUT=out is not None, BLOCK_K=block_k, BLOCK_H=block_h,
     )
+    philox[1:].add_(n * K)  # the next draw's counters start past this one's
     return DrawResult(tokens, weights, d, kept, faults, signal)

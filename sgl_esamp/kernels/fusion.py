@@ -40,7 +40,8 @@ def candidate_head_dot(ids, kept, pred_row_ptr, head_ptr, H, head_stride,
     return acc
 
 
-@triton.jit
+# K follows the kept width of the batch (SGLang's max top-k when no cap applies): never a compile
+@triton.jit(do_not_specialize=["K"])
 def _candidate_shift_kernel(
     weights_ptr,
     ids_ptr,
