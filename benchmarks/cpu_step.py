@@ -81,9 +81,9 @@ def main() -> None:
         "esamp fuse, top-p kept": lambda: sampler.fuse(later, top_p, z_top_p, temps),
         "slots and layout (host)": step,
         "head logits, all 256 kept": lambda: candidate_head_logits(
-            sampler.lm_head_weight, top.token_ids, prediction, top.weights > 0),
+            sampler.ops.lm_head_weight, top.token_ids, prediction, top.weights > 0),
         "head logits, top-p kept": lambda: candidate_head_logits(
-            sampler.lm_head_weight, top_p.token_ids, prediction, top_p.weights > 0),
+            sampler.ops.lm_head_weight, top_p.token_ids, prediction, top_p.weights > 0),
         "train step": lambda: sampler.trainer.step(later, sampler.distillers.forward(later.shallow, later.layout)),
     }
     times: dict[str, list[float]] = {arm: [] for arm in arms}

@@ -44,7 +44,7 @@ def prefill_step(sampler: ESampSampler, hidden: torch.Tensor, last: torch.Tensor
     layout = sampler.layout(pairs, [SampledRow(0, len(pairs) - 1, 0.5)])
     step = ESampStep(layout, sampler.ops.tap_rows(hidden, layout.sources), sampler.ops.tap_rows(last, layout.sources))
     K = 64
-    vocab = sampler.lm_head_weight.shape[0]
+    vocab = sampler.ops.lm_head_weight.shape[0]
     candidates = Candidates(torch.full((1, K), 1.0 / K), torch.arange(K).view(1, K) % vocab)
     sampler.fuse(step, candidates, torch.zeros(1, K), torch.ones(1))
 

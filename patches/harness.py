@@ -89,6 +89,7 @@ class Request:
     sampling_params: Any  # SGLang's SamplingParams, normalized
     seqlen: int = 8
     done: bool = False
+    origin_input_ids: list = field(default_factory=list)  # the prompt's tokens
 
     def finished(self) -> bool:
         return self.done
@@ -178,6 +179,35 @@ class Harness:
         for r in requests:
             r.seqlen += 1
         return tokens, output
+
+    def prefill(self, requests: Sequence[Request], seed: int = 0) -> Optional[torch.Tensor]:
+        """One extend step prefilling each request's whole prompt (origin_input_ids, or `seqlen`
+        tokens), through the backend as ModelRunner.sample calls it (or, for a batch of
+        prefill-only requests, as the forward's hook does); returns the drawn ids (None for those)."""
+        from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        for r in requests:
+            r.origin_input_ids = r.origin_input_ids or list(range(r.seqlen))
+            r.seqlen = len(r.origin_input_ids)
+        lengths = [r.seqlen for r in requests]
+        hidden = self.hidden(sum(lengths), seed=seed)
+        last_rows = torch.tensor(list(itertools.accumulate(lengths)), device=self.device) - 1
+        forward_batch = SimpleNamespace(
+            forward_mode=ForwardMode.EXTEND, _esamp_reqs=list(requests), extend_seq_lens_cpu=lengths,
+            extend_prefix_lens_cpu=[0] * len(requests),
+            input_ids=torch.tensor([t for r in requests for t in r.origin_input_ids], device=self.device),
+            is_prefill_only=all(r.sampling_params.max_new_tokens == 0 for r in requests))
+        output = LogitsProcessorOutput(next_token_logits=hidden.logits.index_select(0, last_rows),
+                                       hidden_states=hidden.aux, last_hidden_states=hidden.last)
+        if forward_batch.is_prefill_only:
+            self.backend.learn_prefill_only(self.model.runner, output, forward_batch)
+            return None
+        n = len(requests)
+        info = sampling_info(requests, self.model.vocab_size, self.device)
+        positions = torch.tensor(lengths, device=self.device) - 1
+        with self.backend.bound(self.model.runner, forward_batch):
+            return self.backend(output, info, False, [0] * n, [None] * n, positions)
 
 
 def _renorm(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,12 @@ from sglang.srt.layers import sampler as sglang_sampler
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import VARIANTS, Candidates, ESampSampler, ESampStep, Filters, Variant, VocabShard, filter_probs
+from sgl_esamp import (VARIANTS, Candidates, ESampConfig, ESampSampler, ESampStep, Filters, Variant, VocabShard,
+                       filter_probs)
+from sgl_esamp.kernels import compiled_specializations
 from sgl_esamp.layout import to_device
+from sgl_esamp.ops import KERNELS_ENV, KernelPath
+from sgl_esamp.rehearsal import PROMPT_ROWS, rehearse
 
 from .planning import Members, VariantPlan, plan_step
 from .server_args import esamp_config
@@ -114,6 +118,7 @@ class ESampBackend(Sampler):
         self.tp_size = get_parallel().tp_size
         self.plain_backend = _plain_backend()
         self.engines: dict[str, ESampSampler] = {}  # per variant
+        self.kernels = KernelPath("torch", False, "not warmed up")  # chosen at warm-up
         self.taps: Optional[Taps] = None
         self.model_runner: Any = None
         self.forward_batch: Any = None
@@ -127,47 +132,81 @@ class ESampBackend(Sampler):
     def engine(self, variant: Variant) -> ESampSampler:
         engine = self.engines.get(variant.name)
         if engine is None:
-            model = self.model_runner.model
-            vocab = self.model_runner.model_config.vocab_size
-            if self.taps is None:
-                embedding_shard = vocab_shard(model.model.embed_tokens) if self.tp_size > 1 else None
-                self.taps = Taps(model, self.config, self.model_runner.model_config.num_hidden_layers, embedding_shard)
-            last_mlp = None
-            if self.config.init_for(variant) == "svd":
-                mlp = model.model.layers[-1].mlp
-                last_mlp = (*mlp.gate_up_proj.weight.chunk(2, dim=0), mlp.down_proj.weight)
-            head_shard = vocab_shard(model.lm_head) if self.tp_size > 1 else None
-            engine = self.engines[variant.name] = ESampSampler(
-                self.config,
-                model.lm_head.weight if head_shard else model.lm_head.weight[:vocab],  # padded in SGLang
-                variant=variant,
-                target_norm_weight=self.taps.target_norm_weight(variant),
-                last_mlp=last_mlp,
-                vocab_shard=head_shard,
-            )
+            engine = self.engines[variant.name] = self._sampler(variant, self.config, self.kernels.name)
         return engine
 
+    def _sampler(self, variant: Variant, config: ESampConfig, kernels: str) -> ESampSampler:
+        """An ESampSampler of `variant` for the loaded model (the server's engines, and the warm-up's scratch ones)."""
+        model = self.model_runner.model
+        last_mlp = None
+        if config.init_for(variant) == "svd":
+            mlp = model.model.layers[-1].mlp
+            last_mlp = (*mlp.gate_up_proj.weight.chunk(2, dim=0), mlp.down_proj.weight)
+        head_shard = vocab_shard(model.lm_head) if self.tp_size > 1 else None
+        vocab = self.model_runner.model_config.vocab_size
+        return ESampSampler(
+            config,
+            model.lm_head.weight if head_shard else model.lm_head.weight[:vocab],  # padded in SGLang
+            variant=variant,
+            target_norm_weight=self.taps.target_norm_weight(variant),
+            last_mlp=last_mlp,
+            vocab_shard=head_shard,
+            kernels=kernels,
+        )
+
+    def _taps(self, kernels: str) -> Taps:
+        model = self.model_runner.model
+        embedding_shard = vocab_shard(model.model.embed_tokens) if self.tp_size > 1 else None
+        return Taps(model, self.config, self.model_runner.model_config.num_hidden_layers, embedding_shard, kernels)
+
     def warm_up(self, model_runner: Any) -> None:
-        """Build every variant's state and run one step of each through the taps and the kernels,
-        before the first request: no request waits for a Triton compile or an SVD."""
+        """Before the first request: choose the kernel path, build every variant's state, and
+        rehearse each variant's steps on it (sgl_esamp/rehearsal.py): every kernel specialisation
+        the traffic can reach is compiled now, and checked against the torch path. A Triton path
+        that fails (a compile error, or results that disagree) is logged as an ERROR and the
+        server serves on the torch path (`kernels` in /server_info says so), unless
+        ESAMP_KERNELS=triton asked for the kernels by name: then the failure stops the server."""
         start = time.perf_counter()
         self.model_runner = model_runner
+        requested = KernelPath.requested(model_runner.model.lm_head.weight.device)
+        try:
+            self._build(requested)
+        except Exception as error:  # a sampler must never take the server down: the torch path serves
+            if requested.name != "triton":
+                raise
+            if requested.strict:
+                raise RuntimeError(f"ESamp: the Triton path failed at warm-up and {KERNELS_ENV}=triton makes that "
+                                   f"fatal: {error}") from error
+            logger.error("ESamp ERROR: the Triton path failed at warm-up, serving on the torch path instead: %s", error)
+            self._build(requested.fall_back(f"the Triton path failed at warm-up: {error}"))
+        compiled = ""
+        if self.kernels.name == "triton":
+            count = compiled_specializations()
+            compiled = ", kernels interpreted" if count is None else f", {count} kernel specialisations compiled"
+        logger.info("ESamp warm-up: %s built and rehearsed%s in %.2f s (%s path: %s)", " and ".join(self.engines),
+                    compiled, time.perf_counter() - start, self.kernels.name, self.kernels.reason)
+
+    def _build(self, kernels: KernelPath) -> None:
+        """The taps and every variant's engine on `kernels`, each variant's steps rehearsed."""
+        self.kernels, self.engines = kernels, {}
+        self.taps = self._taps(kernels.name)
+        buffers = self._rehearsal_buffers()
+        taps = {path: self._taps(path) for path in {kernels.name, "torch"}}
+        scratch = dataclasses.replace(self.config, num_slots=2, init="normal")  # the real banks stay untouched
         for variant in VARIANTS.values():
-            engine = self.engine(variant)
-            head = engine.lm_head_weight
-            # a one-slot scratch sampler: the same kernels, and the real bank stays untouched
-            scratch = ESampSampler(dataclasses.replace(self.config, num_slots=1, init="normal"), head,
-                                   variant=variant, vocab_shard=engine.vocab_shard)
-            layout = scratch.decode_layout(scratch.assign_slots([("warm-up", 0)]), [0.5])
-            captured = SimpleNamespace(hidden_states=torch.zeros(1, self.taps.width, device=head.device),
-                                       last_hidden_states=torch.zeros(1, self.taps.hidden_size, device=head.device))
-            ids = torch.zeros(1, dtype=torch.int64, device=head.device)
-            x, y = self.taps.states(variant, captured, ids, layout.sources)
-            probs = torch.softmax(torch.zeros(1, head.shape[0], device=head.device), -1)
-            unfiltered = Filters(*(torch.full((1,), value, device=head.device) for value in (1.0, 1 << 30, 1.0, 0.0)))
-            scratch.sample(ESampStep(layout, x, y), probs, probs.log(), unfiltered)
-        logger.info("ESamp warm-up: %s built and one step of each run in %.2f s (%s path)",
-                    " and ".join(self.engines), time.perf_counter() - start, scratch.ops.name)
+            self.engine(variant)
+            rehearse(lambda path: self._sampler(variant, scratch, path),
+                     lambda path: (lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources)),
+                     kernels.name, self.model_runner.model_config.vocab_size)
+
+    def _rehearsal_buffers(self) -> SimpleNamespace:
+        """Synthetic capture buffers in the model's dtype, as an SGLang forward of PROMPT_ROWS tokens leaves them."""
+        embedding = self.model_runner.model.model.embed_tokens.weight
+        gen = torch.Generator(embedding.device).manual_seed(0)
+        rows, vocab = PROMPT_ROWS, self.model_runner.model_config.vocab_size
+        randn = lambda width: torch.randn(rows, width, device=embedding.device, generator=gen).to(embedding.dtype)  # noqa: E731
+        return SimpleNamespace(hidden_states=randn(self.taps.width), last_hidden_states=randn(self.taps.hidden_size),
+                               input_ids=torch.randint(vocab, (rows,), device=embedding.device, generator=gen))
 
     @contextlib.contextmanager
     def bound(self, model_runner: Any, forward_batch: Any) -> Iterator[None]:
@@ -339,6 +378,8 @@ class ESampBackend(Sampler):
             "dp_rank": self.dp_rank,
             "tp_size": self.tp_size,
             "tp_token_mismatches": self.token_id_sync.mismatches,
+            "kernels": self.kernels.name,
+            "kernels_reason": self.kernels.reason,
             "config": dict(self.config.__dict__),
         }
 

@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from sgl_esamp import ESampConfig, Variant, VocabShard, ops_for, rms_norm
+from sgl_esamp import ESampConfig, Variant, VocabShard, rms_norm
+from sgl_esamp.ops import tap_rows_for
 from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, SOURCE_BLOCK_OUTPUT
 
 
@@ -35,8 +36,10 @@ def capture_layer_ids(config: ESampConfig, num_layers: int) -> list[int]:
 class Taps:
     """The (shallow, deep) states of chosen token rows of one forward, per variant."""
 
-    def __init__(self, model: Any, config: ESampConfig, num_layers: int, embedding_shard: Optional[VocabShard] = None):
-        """embedding_shard: this rank's rows of a vocabulary-parallel embedding (tensor parallel)."""
+    def __init__(self, model: Any, config: ESampConfig, num_layers: int, embedding_shard: Optional[VocabShard] = None,
+                 kernels: str = "torch"):
+        """embedding_shard: this rank's rows of a vocabulary-parallel embedding (tensor parallel);
+        kernels: the path the gathers run on ("triton" or "torch")."""
         layers = model.model.layers
         self.embedding = model.model.embed_tokens.weight
         self.embedding_shard = embedding_shard
@@ -49,7 +52,7 @@ class Taps:
         self.width = len(ids) * self.hidden_size  # of SGLang's captured hidden_states
         self.columns = {SOURCE_BLOCK_OUTPUT: ids.index(config.resolve_source_layer(num_layers)),
                         LAST_LAYER_INPUT_NORMED: ids.index(num_layers - 2)}
-        self.ops = ops_for(self.embedding.device)
+        self.tap_rows = tap_rows_for(kernels)
 
     def target_norm_weight(self, variant: Variant) -> torch.Tensor:
         """The weight of the norm that produced the variant's target (the zero/svd inits' LN gain)."""
@@ -63,10 +66,10 @@ class Taps:
     def _tap(self, name: str, logits_output: Any, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         norm = self.norms.get(name)
         if name == FINAL_NORMED:
-            return self.ops.tap_rows(logits_output.last_hidden_states, index)
+            return self.tap_rows(logits_output.last_hidden_states, index)
         if name == FIRST_LAYER_INPUT_NORMED:
             if self.embedding_shard is not None:  # a vocabulary-parallel table: rows from the shards, one sum
                 return rms_norm(self.embedding_shard.rows(self.embedding, input_ids.index_select(0, index)), *norm)
-            return self.ops.tap_rows(self.embedding, index, ids=input_ids, norm=norm)
+            return self.tap_rows(self.embedding, index, ids=input_ids, norm=norm)
         H, column = self.hidden_size, self.columns[name]
-        return self.ops.tap_rows(logits_output.hidden_states, index, columns=(column * H, H), norm=norm)
+        return self.tap_rows(logits_output.hidden_states, index, columns=(column * H, H), norm=norm)

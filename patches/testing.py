@@ -28,6 +28,12 @@ weights (the flat row every slot starts from, and the shapes of its parts) are w
 group's pair rows (a Distiller fault as NaN/Inf activations would cause it), to check that a
 faulty group samples plainly and restarts while the others train on (tests/test_reliability.py).
 
+`ESAMP_TEST_KERNEL_FAULT=<kernel>`: the named Triton kernel (e.g. `_esamp_draw_kernel`) fails to
+compile, as the draw kernel once did on every GPU (a module float read inside it), and the
+warm-up chooses its kernel path as on a GPU (ESAMP_KERNELS=auto: Triton, falling back to the
+torch path; ESAMP_KERNELS=triton: Triton, the failure fatal), with the other kernels under
+Triton's interpreter (tests/test_kernel_fallback.py).
+
 Unset (the default), `install()` does nothing: no wrapper, no hook, no cost.
 """
 
@@ -41,6 +47,7 @@ from typing import Any
 DUMP_TAPS_ENV = "ESAMP_TEST_DUMP_TAPS"
 FAULT_GROUP_ENV = "ESAMP_TEST_FAULT_GROUP"
 DUMP_INIT_ENV = "ESAMP_TEST_DUMP_INIT"
+KERNEL_FAULT_ENV = "ESAMP_TEST_KERNEL_FAULT"
 
 _forward_batch: list[Any] = [None]  # the batch of the ModelRunner.forward / .sample running now
 
@@ -155,6 +162,41 @@ def _install_fault_group(group: str) -> None:
     ESampBackend._capture = capture
 
 
+class _BrokenKernel:
+    """A Triton kernel whose every launch fails as a compile error would."""
+
+    def __init__(self, kernel: Any):
+        self.fn = kernel.fn
+
+    def __getitem__(self, grid: Any) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise NameError(f"Cannot access global variable X from within @jit'ed function {self.fn.__name__} "
+                            f"(injected by {KERNEL_FAULT_ENV})")
+
+        return fail
+
+
+def _install_kernel_fault(name: str) -> None:
+    import importlib
+
+    from sgl_esamp import ops
+
+    for module_name in ("rows", "distiller", "training", "draw", "fusion"):
+        module = importlib.import_module(f"sgl_esamp.kernels.{module_name}")
+        if hasattr(module, name):
+            setattr(module, name, _BrokenKernel(getattr(module, name)))
+            break
+    else:
+        raise ValueError(f"{KERNEL_FAULT_ENV}={name!r}: no such ESamp kernel")
+    requested = ops.KernelPath.requested
+
+    def as_on_a_gpu(device: Any) -> Any:
+        path = requested(device)
+        return path if path.strict else ops.KernelPath("triton", False, f"as on a GPU ({KERNEL_FAULT_ENV})")
+
+    ops.KernelPath.requested = staticmethod(as_on_a_gpu)
+
+
 def install() -> None:
     """Install the test hooks whose environment variables are set (none by default)."""
     directory = os.environ.get(DUMP_TAPS_ENV)
@@ -166,3 +208,6 @@ def install() -> None:
     directory = os.environ.get(DUMP_INIT_ENV)
     if directory:
         _install_dump_init(Path(directory))
+    kernel = os.environ.get(KERNEL_FAULT_ENV)
+    if kernel:
+        _install_kernel_fault(kernel)

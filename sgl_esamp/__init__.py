@@ -11,7 +11,7 @@ from .config import ESampConfig, ESampConfigError, check_beta, check_prefill_pai
 from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import fuse_candidates_torch, fused_draw_torch
 from .layout import PairRow, SampledRow, StepLayout
-from .ops import TorchOps, TritonOps, kernels_for, ops_for
+from .ops import Forward, KernelPath, StepOps, tap_rows_for
 from .sampler import ESampSampler, initial_weights
 from .sharding import VocabShard
 from .signal import summarize
@@ -30,8 +30,10 @@ __all__ = [
     "ESampSampler",
     "ESampStep",
     "Filters",
+    "Forward",
     "Fused",
     "GroupBank",
+    "KernelPath",
     "LATENT",
     "Outcome",
     "PairRow",
@@ -39,8 +41,7 @@ __all__ = [
     "SampledRow",
     "Sampled",
     "StepLayout",
-    "TorchOps",
-    "TritonOps",
+    "StepOps",
     "VARIANTS",
     "Variant",
     "VocabShard",
@@ -52,12 +53,11 @@ __all__ = [
     "fuse_candidates_torch",
     "fused_draw_torch",
     "initial_weights",
-    "kernels_for",
     "normal_init",
-    "ops_for",
     "rms_norm",
     "summarize",
     "svd_init",
     "tap_rows",
+    "tap_rows_for",
     "zero_delta_init",
 ]

@@ -33,7 +33,7 @@ from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero
 from .fusion import usable_or_plain
 from .layout import PairRow, SampledRow, StepLayout
 from .mirror import HostMirror
-from .ops import ops_for
+from .ops import Forward, KernelPath, StepOps
 from .sharding import VocabShard
 from .signal import row_signal, summarize
 from .step import DrawInputs, ESampStep, Filters, Outcome
@@ -71,17 +71,20 @@ class ESampSampler:
         target_norm_weight: Optional[torch.Tensor] = None,
         last_mlp: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
         vocab_shard: Optional[VocabShard] = None,
+        kernels: Optional[str] = None,
     ):
         """lm_head_weight: [V, H], or this rank's rows of a head sharded as `vocab_shard` says
         (tensor parallel); variant: default the config's; target_norm_weight: weight [H]
         of the norm that produced the target (the zero/svd inits start the LN gain from it);
-        last_mlp: (gate [I, H], up [I, H], down [H, I]) weights, required for init="svd"."""
+        last_mlp: (gate [I, H], up [I, H], down [H, I]) weights, required for init="svd";
+        kernels: "triton" or "torch" (default: what ESAMP_KERNELS asks for on the head's device)."""
         self.config = config
         self.variant = variant or VARIANTS[config.variant]
-        self.lm_head_weight = lm_head_weight
-        self.vocab_shard = vocab_shard
         device = lm_head_weight.device
-        self.ops = ops_for(device, config.torch_state_dtype)
+        self.ops = StepOps(kernels or KernelPath.requested(device).name, lm_head_weight,
+                           d_over_temperature=self.variant.d_over_temperature, max_candidates=config.max_candidates,
+                           seed=config.seed, vocab_shard=vocab_shard, state_dtype=config.torch_state_dtype,
+                           label=f"{self.variant.name} variant")
         init = initial_weights(config, self.variant, lm_head_weight.shape[1], target_norm_weight, last_mlp)
         with torch.inference_mode(False):  # trainable state must not be inference tensors
             self.distillers = DistillerBank(init, config.num_slots, device, config.torch_state_dtype)
@@ -90,9 +93,6 @@ class ESampSampler:
         self.groups = GroupBank(config.num_slots)
         self.fresh_slots: set[int] = set()  # assigned to a new group, not yet reset by a step
         self.generations = [0] * config.num_slots  # host's count of each slot's fresh starts (stats GENERATION)
-        self.generator = torch.Generator(device).manual_seed(config.seed)
-        # [seed, offset] of the draw kernel's Philox counters, advanced on the device
-        self.philox = torch.tensor([config.seed, 0], dtype=torch.int64, device=device)
 
     # -- host side: slots and the layout ------------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
@@ -134,9 +134,7 @@ class ESampSampler:
         probs_sorted, token_ids = most_probable(probs.index_select(0, layout.batch_rows), self.config.max_candidates)
         self.trainer.wait()  # the last training step has read its inputs and written the bank
         forward = self.ops.forward(self.distillers, step)
-        drawn = self.ops.draw(DrawInputs(probs_sorted, token_ids, logits, filters), self.ops.sampled(forward, step),
-                              self.lm_head_weight, d_over_temperature=self.variant.d_over_temperature,
-                              generator=self.generator, philox=self.philox, vocab_shard=self.vocab_shard, out=out)
+        drawn = self.ops.draw(DrawInputs(probs_sorted, token_ids, logits, filters.canonical()), forward, step, out=out)
         self._train(step, forward, Outcome(drawn.faults, drawn.signal))
         return drawn.tokens
 
@@ -153,10 +151,8 @@ class ESampSampler:
         layout = step.layout
         self.trainer.wait()
         forward = self.ops.forward(self.distillers, step)
-        sampled = self.ops.sampled(forward, step)
-        prediction = sampled.prediction.index_select(0, layout.sampled_pairs)
-        fused = self.ops.fuse(candidates, z, prediction, self.lm_head_weight, layout.betas.float(), temperatures,
-                              self.variant.d_over_temperature, vocab_shard=self.vocab_shard)
+        prediction = forward.prediction.index_select(0, layout.sampled_pairs)
+        fused = self.ops.fuse(candidates, z, prediction, layout.betas.float(), temperatures)
         weights, faults = usable_or_plain(fused.weights, candidates.weights)
         signal = row_signal(prediction, step.deep.index_select(0, layout.sampled_pairs), candidates.weights, weights,
                             z, fused.head_logits)
@@ -169,14 +165,14 @@ class ESampSampler:
         self.trainer.wait()
         self._train(step, self.ops.forward(self.distillers, step), None)
 
-    def _train(self, step: ESampStep, forward, outcome: Optional[Outcome]) -> None:
+    def _train(self, step: ESampStep, forward: Forward, outcome: Optional[Outcome]) -> None:
         """Queue the training step behind the step so far, then the host mirror's copy of the
         statistics."""
         def work() -> None:
             self.ops.train(self.trainer, step, forward, outcome)
             self.mirror.publish()
 
-        held = (*step.layout.tensors, step.shallow, step.deep, *forward) + (tuple(outcome) if outcome else ())
+        held = (*step.layout.tensors, step.shallow, step.deep, forward.prediction, *forward.saved) + (tuple(outcome) if outcome else ())
         self.trainer.run_async(work, tuple(t for t in held if isinstance(t, torch.Tensor)))
 
     # -- observability -----------------------------------------------------------------------

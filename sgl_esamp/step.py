@@ -24,6 +24,12 @@ class Filters(NamedTuple):
     def rows(self, index: torch.Tensor) -> "Filters":
         return Filters(*(t.view(-1).index_select(0, index) for t in self))
 
+    def canonical(self) -> "Filters":
+        """Flat rows in the dtypes SGLang's SamplingBatchInfo holds them (float32, int32, float32,
+        float32), which the draw kernel is compiled for: a no-op on SGLang's own tensors."""
+        return Filters(self.temperatures.view(-1).float(), self.top_ks.view(-1).to(torch.int32),
+                       self.top_ps.view(-1).float(), self.min_ps.view(-1).float())
+
 
 class ESampStep(NamedTuple):
     """One variant's rows in a forward step: their layout by slot and the variant's taps of

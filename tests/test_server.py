@@ -37,7 +37,7 @@ def test_the_sampler_is_built_and_warmed_up_before_the_first_request(esamp_serve
 
     lines = esamp_server.log_path.read_text(errors="replace").splitlines()
     warm = [i for i, line in enumerate(lines)
-            if re.search(r"ESamp warm-up: reference and latent built and one step of each run in [0-9.]+ s", line)]
+            if re.search(r"ESamp warm-up: reference and latent built and rehearsed in [0-9.]+ s \(torch path", line)]
     first_batch = next(i for i, line in enumerate(lines) if "Prefill batch" in line)  # launch()'s health check
     assert len(warm) == 1 and warm[0] < first_batch
     assert set(bank(esamp_server)["by_variant"]) == {"reference", "latent"}

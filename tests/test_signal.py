@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, TorchOps
+from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, StepOps
 from sgl_esamp.signal import ROW, row_signal, slot_sums, summarize
 
 
@@ -61,8 +61,8 @@ def test_a_groups_signal_in_its_stats_is_what_its_rows_measured(monkeypatch):
     sampler = ESampSampler(ESampConfig(num_slots=2, rank=4, lr=1e-2), torch.randn(V, H))
     gen = torch.Generator().manual_seed(1)
     filters = Filters(torch.ones(2), torch.full((2,), 1 << 30), torch.ones(2), torch.zeros(2))
-    drawn, draw = [], TorchOps.draw
-    monkeypatch.setattr(TorchOps, "draw", staticmethod(lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1]))
+    drawn, draw = [], StepOps.draw
+    monkeypatch.setattr(StepOps, "draw", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
     for _ in range(4):
         logits = torch.randn(2, V, generator=gen)
         step = ESampStep.tapped(sampler.decode_layout(sampler.assign_slots([("g", 0), ("g", 1)]), [1.0, 1.0]),

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from sgl_esamp import ESampConfig, ESampSampler, TorchOps, TritonOps
+from sgl_esamp import ESampConfig, ESampSampler, tap_rows_for
 from sgl_esamp import stats as S
 from sgl_esamp.variants import tap_rows
 
@@ -28,7 +28,7 @@ def head():
 def step(sampler, rows, seed, poison=None):
     """One decode step of (group, member) rows as the backend makes it; `poison`: a group whose
     shallow state is NaN in this step (its slot must fault, skip its update and restart)."""
-    buffers = EngineBuffers.random(len(rows), sampler.lm_head_weight, seed)
+    buffers = EngineBuffers.random(len(rows), sampler.ops.lm_head_weight, seed)
     if poison is not None:
         buffers.hidden[[i for i, (group, _) in enumerate(rows) if group == poison]] = float("nan")
     backend_step(sampler, buffers, rows, filters(len(rows), device="cpu"))
@@ -36,9 +36,8 @@ def step(sampler, rows, seed, poison=None):
 
 def test_a_training_step_of_the_kernels_is_the_torch_paths_step():
     weights = head()
-    paths = {"torch": ESampSampler(ESampConfig(num_slots=4, rank=8, lr=1e-2), weights),
-             "triton": ESampSampler(ESampConfig(num_slots=4, rank=8, lr=1e-2), weights)}
-    paths["torch"].ops, paths["triton"].ops = TorchOps, TritonOps
+    paths = {path: ESampSampler(ESampConfig(num_slots=4, rank=8, lr=1e-2), weights, kernels=path)
+             for path in ("torch", "triton")}
     schedule = [  # (rows of (group, member), poisoned group)
         ([("a", 0), ("a", 1), ("a", 2), ("b", 3)], None),
         ([("a", 0), ("a", 1), ("a", 2), ("b", 3)], "b"),  # b faults: no update, weights and moments restart
@@ -67,11 +66,11 @@ def test_the_tap_kernel_gathers_what_the_torch_tap_gathers(tap):
               "normed": {"columns": (H, H), "norm": (1 + 0.1 * torch.randn(H, generator=gen), 1e-5)},
               "embedding": {"ids": torch.tensor([5, 9, 1, 0, 33, 2, 8, 3, 4, 6, 11, 12, 13] * 4),
                             "norm": (torch.ones(3 * H), 1e-6)}}[tap]
-    torch.testing.assert_close(TritonOps.tap_rows(table, index, **kwargs), tap_rows(table, index, **kwargs),
+    torch.testing.assert_close(tap_rows_for("triton")(table, index, **kwargs), tap_rows(table, index, **kwargs),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_a_float64_bank_takes_the_torch_path_where_the_kernels_would_run(monkeypatch):
     monkeypatch.setenv("ESAMP_KERNELS", "triton")  # what a GPU picks by itself
-    assert ESampSampler(ESampConfig(num_slots=1, rank=4), head()).ops is TritonOps
-    assert ESampSampler(ESampConfig(num_slots=1, rank=4, state_dtype="float64"), head()).ops is TorchOps
+    assert ESampSampler(ESampConfig(num_slots=1, rank=4), head()).ops.name == "triton"
+    assert ESampSampler(ESampConfig(num_slots=1, rank=4, state_dtype="float64"), head()).ops.name == "torch"

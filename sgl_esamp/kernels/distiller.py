@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ..distiller import DistillerBank
 from ..layout import StepLayout
 from .constants import LN_EPS, ROW_TILE
@@ -408,17 +409,17 @@ def forward_rows(bank: DistillerBank, layout: StepLayout, x: torch.Tensor) -> Ro
         return out
     common = (bank.rows, bank.init_flat, layout.distinct, layout.fresh, layout.starts, layout.tile_segments,
               layout.tile_rows)
-    _lowrank_kernel[(T, triton.cdiv(r, BLOCK_R))](
+    launch(_lowrank_kernel, (T, triton.cdiv(r, BLOCK_R)),
         x, *common, out.up, out.gate, H, r, P,
         BLOCK_R=BLOCK_R, BLOCK_K=DOT_K, PRECISION=DOT_PRECISION,
     )
     blocks = triton.cdiv(H, BLOCK_H)
     partial = empty(M, blocks, 2)
-    _residual_kernel[(T, blocks)](
+    launch(_residual_kernel, (T, blocks),
         x, *common, out.up, out.gate, out.u, partial, H, r, P,
         BLOCK_H=BLOCK_H, BLOCK_K=DOT_K, PRECISION=DOT_PRECISION,
     )
-    _norm_kernel[(T, blocks)](
+    launch(_norm_kernel, (T, blocks),
         out.u, partial, *common, out.prediction, out.mean, out.rstd, H, r, P,
         BLOCK_H=BLOCK_H,
     )
@@ -446,7 +447,7 @@ def grad_rows(bank: DistillerBank, layout: StepLayout, fwd: RowForward, x: torch
     row_loss = torch.empty(M, device=dev, dtype=torch.float32)
     nonfinite = torch.empty(D, device=dev, dtype=torch.int32)  # zeroed by the first kernel
     grad = torch.empty(D, P, device=dev, dtype=torch.float32)  # every element written by the second
-    _row_grad_kernel[(T, triton.cdiv(r, BLOCK_R))](
+    launch(_row_grad_kernel, (T, triton.cdiv(r, BLOCK_R)),
         fwd.prediction, y, fwd.u, fwd.mean, fwd.rstd, fwd.up, fwd.gate,
         bank.rows, bank.init_flat, layout.distinct, layout.fresh, layout.starts, layout.learn_counts,
         layout.tile_segments, layout.tile_rows,
@@ -454,7 +455,7 @@ def grad_rows(bank: DistillerBank, layout: StepLayout, fwd: RowForward, x: torch
         H, r, P,
         BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H, BLOCK_K=DOT_K, PRECISION=DOT_PRECISION,
     )
-    _slot_grad_kernel[(D, triton.cdiv(H, SLOT_BLOCK_H), triton.cdiv(r, BLOCK_R))](
+    launch(_slot_grad_kernel, (D, triton.cdiv(H, SLOT_BLOCK_H), triton.cdiv(r, BLOCK_R)),
         x, fwd.prediction, y, fwd.u, fwd.mean, fwd.rstd, fwd.up, fwd.gate,
         g_u, g_up, g_gate, row_loss,
         layout.starts, layout.learn_counts, grad, nonfinite,

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ..signal import ROW
 from ..step import MAX_DRAW_K, DrawInputs, DrawResult, Sampled
 from .constants import ENTROPY_P, ENTROPY_Q, ERROR, GAP, KL, SAMPLING_EPS, SIGNAL_COLS, TOP, TV, TV_TOP3
@@ -168,7 +169,7 @@ def fused_draw_triton(
         return DrawResult(tokens, weights, d, kept, faults, signal)
     block_k = triton.next_power_of_2(K)
     block_h = max(16, min(128, TILE_ELEMENTS // block_k))
-    _esamp_draw_kernel[(n,)](
+    launch(_esamp_draw_kernel, (n,),
         probs_sorted, token_ids, logits, sampled.prediction, sampled.target, sampled.pairs, sampled.batch_rows,
         lm_head_weight, sampled.betas, *(t.view(-1) for t in filters),
         tokens if out is None else out, tokens, weights, d, kept, faults, signal, philox,

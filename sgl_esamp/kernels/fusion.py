@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ..candidates import Candidates, sampling_temperatures
 from ..fusion import reweight, shift_scale
 from ..step import Fused
@@ -94,7 +95,7 @@ def fuse_candidates_triton(
     if lm_head_weight.stride(1) != 1:
         raise ValueError("fusion kernel needs a row-major LM-head weight")
     grid = (N, triton.cdiv(K, BLOCK_K))
-    _candidate_shift_kernel[grid](
+    launch(_candidate_shift_kernel, grid,
         weights,
         token_ids.contiguous(),
         z.contiguous(),

@@ -13,10 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 BLOCK_H = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["index_ptr", "ids_ptr"])  # read one value at a time
 def _tap_rows_kernel(table_ptr, table_stride, start, index_ptr, ids_ptr, weight_ptr, eps, out_ptr, H,
                      HAS_IDS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -52,8 +54,10 @@ def tap_rows_triton(table: torch.Tensor, index: torch.Tensor, *, columns: tuple[
     if index.numel() == 0:
         return out
     weight, eps = norm if norm is not None else (out, 0.0)
-    _tap_rows_kernel[(index.numel(),)](
-        table, table.stride(0), start, index, index if ids is None else ids, weight, float(eps), out, H,
+    # SGLang's decode ids may be int32, its prefill ids int64: one compiled kernel for both
+    table_ids = index if ids is None else ids.to(torch.int64)
+    launch(_tap_rows_kernel, (index.numel(),),
+        table, table.stride(0), start, index, table_ids, weight, float(eps), out, H,
         HAS_IDS=ids is not None, HAS_NORM=norm is not None, BLOCK_H=BLOCK_H,
     )
     return out

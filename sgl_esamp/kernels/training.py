@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from ..step import ESampStep, Outcome
 from ..training import ADAM_BETAS, ADAM_EPS, DistillerTrainer
 from .constants import (FAULT_RESETS, FAULTS, GENERATION, LAST_LOSS, LOSS_SUM, PAIRS, SIGNAL, SIGNAL_COLS,
@@ -151,7 +152,7 @@ def decide(trainer: DistillerTrainer, step: ESampStep, row_loss: torch.Tensor, n
                           torch.empty(D, dtype=torch.int64, device=device),
                           torch.empty(D, dtype=torch.float32, device=device))
     faults, signal = (outcome.faults, outcome.signal) if outcome is not None else (decisions.update, decisions.update)
-    _decide_kernel[(D,)](
+    launch(_decide_kernel, (D,),
         layout.distinct, layout.fresh, layout.starts, layout.learn_counts, row_loss, nonfinite,
         layout.sampled_segments, faults, signal, layout.num_sampled, trainer.stats, *decisions,
         HAS_DRAW=outcome is not None, BLOCK_C=triton.next_power_of_2(SIGNAL_SUMS.value), BLOCK=BLOCK,
@@ -176,7 +177,7 @@ def adamw_rows(trainer: DistillerTrainer, distinct: torch.Tensor, grad: torch.Te
         raise ValueError(f"grad must be [{D}, {P}] and init [{P}]")
     beta1, beta2 = ADAM_BETAS
     log_beta = lambda beta: math.log(beta) if beta > 0 else float("-inf")  # noqa: E731
-    _adamw_kernel[(D, triton.cdiv(P, BLOCK_P))](
+    launch(_adamw_kernel, (D, triton.cdiv(P, BLOCK_P)),
         rows, trainer.exp_avg_rows, trainer.exp_avg_sq_rows, init, grad, distinct, *decisions,
         P, trainer.lr, 1.0 - trainer.lr * trainer.weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
         log_beta(beta1), log_beta(beta2), ADAM_EPS,

@@ -62,8 +62,8 @@ def backend_step(sampler: ESampSampler, buffers: EngineBuffers, rows: list, filt
     return sampler.sample(ESampStep(layout, shallow, deep), probs, logits, filt, out=out)
 
 
-def sampler(head: torch.Tensor, **config) -> ESampSampler:
-    return ESampSampler(ESampConfig(**{"num_slots": 16, "rank": 64, **config}), head)
+def sampler(head: torch.Tensor, kernels: str | None = None, **config) -> ESampSampler:
+    return ESampSampler(ESampConfig(**{"num_slots": 16, "rank": 64, **config}), head, kernels=kernels)
 
 
 def group_rows(n: int, size: int = 4, tag: str = "g") -> list:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sgl_esamp import DrawInputs, Sampled, TorchOps, TritonOps
+from sgl_esamp import DrawInputs, Sampled
 from sgl_esamp.fusion import fused_draw_torch
 from sgl_esamp.kernels.draw import fused_draw_triton
 
@@ -69,8 +69,7 @@ def test_a_row_of_all_kept_ranks_is_drawn_in_proportion_to_its_fused_weights():
 
 def test_a_training_step_of_the_kernels_matches_the_torch_path_on_the_gpu():
     head = head_weight(VOCAB, 4096)
-    torch_path, kernel_path = sampler(head), sampler(head)
-    torch_path.ops, kernel_path.ops = TorchOps, TritonOps
+    torch_path, kernel_path = sampler(head, kernels="torch"), sampler(head, kernels="triton")
     rows = group_rows(24, size=5)  # segments of 5, 5, 5, 5, 4
     filt = filters(24)
     for step in range(3):
