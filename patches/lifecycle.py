@@ -50,9 +50,11 @@ def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
 
 
 def _remember_reqs(forward_batch, _cls, batch, *args, **kwargs):
-    # ForwardBatch carries rids only; ESamp needs each row's request (params, finish state).
+    # ForwardBatch carries rids only; ESamp needs each row's request (params, finish state), and
+    # which of them decode inside an extend batch (--enable-mixed-chunk, attention DP's conversion).
     if _sampler() is not None and getattr(batch, "reqs", None) is not None:
         forward_batch._esamp_reqs = list(batch.reqs)
+        forward_batch._esamp_decoding = {req.rid for req in getattr(batch, "decoding_reqs", None) or ()}
     return forward_batch
 
 

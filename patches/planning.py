@@ -121,6 +121,7 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
     if not wanted:
         return []
     extend = batch.forward_mode.is_extend()
+    decoding = getattr(batch, "_esamp_decoding", None) or set()  # decode rows riding in an extend batch
     if extend:  # the hidden states cover every newly extended token, request after request
         lengths, prefixes = batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu
         starts = [0, *itertools.accumulate(lengths)]
@@ -140,6 +141,7 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
         step_budget: dict[int, int] = {}
         for i, group, slot in zip(rows, groups, slots):
             req, params = reqs[i], request_esamp(reqs[i])
+            prompt = extend and req.rid not in decoding  # a prompt (chunk), not a decode row of a mixed batch
             sampled = samples_tokens(req, prefixes[i], lengths[i], extend)
             if slot is None:  # the bank is full of busy groups: plain sampling this step
                 if sampled:
@@ -147,12 +149,12 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
                 continue
             members.group[req.rid] = (variant.name, group)
             budget = config.prefill_pairs if params.prefill_pairs is None else params.prefill_pairs
-            if extend:  # the Distiller this step trains: the slot's next generation if it is fresh
+            if prompt:  # the Distiller this step trains: the slot's next generation if it is fresh
                 distiller = (variant.name, group, slot, engine.generations[slot] + (slot in engine.fresh_slots))
                 if not members.learns_prompt(distiller, req):
                     budget = 0  # another request taught this Distiller this prompt
             end = starts[i] + lengths[i]
-            if extend:
+            if prompt:
                 # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
                 first = starts[i] + max(0, req.seqlen - budget - prefixes[i])
                 learnt = range(min(first, end), end)

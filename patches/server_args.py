@@ -2,9 +2,11 @@
 
 `--sampler esamp` / `--sampling-backend esamp` must survive SGLang's platform steps
 (CPU and deterministic inference force `pytorch`), and must turn on the capture of
-the hidden states ESamp reads (taps.py): SGLang's EAGLE3 aux capture of the residual
-stream at the layers both variants tap, in `hidden_states`, and, in FULL mode, the
-final post-norm state in `last_hidden_states`, without loading a draft model.
+the hidden states ESamp reads (taps.py): SGLang's EAGLE3-style aux capture of the residual
+stream at the layers both variants tap and, in FULL mode, the final post-norm state in
+`last_hidden_states`, without a draft model. A mode ESamp cannot serve stops the launch,
+naming the user's flag: speculative decoding, `--return-hidden-states-mode last`, attention
+DP, PD disaggregation, pipeline parallelism, another aux capture.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .taps import capture_layer_ids
 
 BACKEND = "esamp"
 CONFIG_ATTR = "_esamp_config"  # private attrs survive ServerArgs pickling into subprocesses
+CLIENT_HIDDEN_STATES_ATTR = "_esamp_client_hidden_states"
 
 
 def _on_off(value: str) -> bool:
@@ -99,19 +102,66 @@ def _keep_esamp(step: str) -> None:
             declare_resolution(server_args, f"esamp:keep_backend:{step}", sampling_backend=BACKEND)
 
 
-def _capture_hidden_states(server_args: Any, previous: Any) -> None:
+def _refuse_unsupported(server_args: Any) -> None:
+    """Stop the launch on a mode ESamp cannot serve, naming the user's own flag (`_raw_input`:
+    what the caller asked for, before any resolution step, the plugin's included, changed it)."""
+    raw = getattr(server_args, "_raw_input", None) or {}
+    view = resolving_view(server_args)
+
+    def refuse(flag: str, why: str) -> None:
+        raise ValueError(f"--sampler esamp does not support {why}: drop {flag}")
+
+    for field, flag in (("speculative_algorithm", "--speculative-algorithm"),
+                        ("speculative_draft_model_path", "--speculative-draft-model-path")):
+        if raw.get(field) is not None:
+            refuse(f"{flag} {raw[field]}", "speculative decoding (verify steps draw their tokens outside the "
+                                            "sampler, so ESamp would guide at most one token in each)")
+    if view.return_hidden_states_mode == "last":
+        refuse("--return-hidden-states-mode last", "capturing the last token's hidden states only (ESamp reads "
+                                                   "every token's; use full, or leave it unset)")
+    if view.attn_dp_size > 1:
+        flag = "--enable-dp-attention" if raw.get("enable_dp_attention") else f"--attn-dp-size {view.attn_dp_size}"
+        refuse(flag, "attention data parallelism yet (each attention-DP rank samples its own rows, and ESamp's "
+                     "vocabulary sum spans the whole TP group); use --dp-size N replicas instead")
+    if view.disaggregation_mode not in (None, "null"):
+        refuse(f"--disaggregation-mode {view.disaggregation_mode}", "prefill-decode disaggregation yet (a group's "
+                                                                    "prompt and its decode steps would train "
+                                                                    "Distillers on different servers)")
+    if view.pp_size > 1:
+        refuse(f"--pp-size {view.pp_size}", "pipeline parallelism (the capture sees only the last stage's layers)")
+    if view.enable_return_aux_hidden_states or view.return_aux_hidden_state_layer_ids is not None:
+        refuse("--enable-return-aux-hidden-states", "another aux hidden-state capture (it captures its own layers)")
+
+
+def _return_hidden_states(server_args: Any, previous: Any) -> None:
+    """ESamp reads every token's captured states (FULL capture); what clients may ask for stays the
+    operator's choice, remembered before this step turns FULL on."""
     view = resolving_view(server_args)
     if view.sampling_backend == BACKEND:
-        if view.enable_return_aux_hidden_states:
-            raise ValueError("--sampler esamp captures hidden states itself; drop --enable-return-aux-hidden-states")
-        declare_resolution(
-            server_args,
-            "esamp:capture",
-            enable_return_aux_hidden_states=True,
-            speculative_algorithm="EAGLE3",
-            return_aux_hidden_state_layer_ids=capture_layer_ids(esamp_config(server_args), _num_hidden_layers(server_args)),
-        )
+        _refuse_unsupported(server_args)
+        mode = view.return_hidden_states_mode or ("full" if view.enable_return_hidden_states else None)
+        setattr(server_args, CLIENT_HIDDEN_STATES_ATTR, mode)
+        declare_resolution(server_args, "esamp:capture_mode", return_hidden_states_mode="full")
     previous(server_args)
+
+
+def _capture_layers(server_args: Any, previous: Any) -> None:
+    """SGLang's EAGLE3-style capture of the layers the taps read, without a draft model and without
+    touching speculative decoding (refused above)."""
+    view = resolving_view(server_args)
+    if view.sampling_backend != BACKEND:
+        return previous(server_args)
+    declare_resolution(
+        server_args,
+        "esamp:capture",
+        aux_hidden_state_capture="eagle3",
+        return_aux_hidden_state_layer_ids=capture_layer_ids(esamp_config(server_args), _num_hidden_layers(server_args)),
+    )
+
+
+def client_hidden_states_mode(server_args: Any) -> str | None:
+    """What the operator lets clients ask of `return_hidden_states` on an ESamp server: None, "full"."""
+    return getattr(server_args, CLIENT_HIDDEN_STATES_ATTR, None)
 
 
 def register() -> None:
@@ -119,4 +169,5 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _from_cli_args, HookType.AFTER)
     for step in ("handle_cpu_backends", "handle_deterministic_inference"):
         _keep_esamp(step)
-    register_resolution_hook("handle_return_hidden_states_mode")(_capture_hidden_states)
+    register_resolution_hook("handle_return_hidden_states_mode")(_return_hidden_states)
+    register_resolution_hook("handle_aux_hidden_state_capture")(_capture_layers)

@@ -1,7 +1,9 @@
 """Server-wide options on the real server (CPU engine, tiny random Llama), in one server:
 `--esamp-client-groups off` (client-chosen group ids ignored), `--esamp-init svd` (every slot
-starts from a rank-r view of the model's last MLP) and `--esamp-prefill-pairs 0` (decode
-steps only)."""
+starts from a rank-r view of the model's last MLP), `--esamp-prefill-pairs 0` (decode
+steps only), and SGLang's `--enable-mixed-chunk` (decode rows riding in prefill batches)."""
+
+import re
 
 import pytest
 import requests
@@ -21,7 +23,8 @@ def options_server(request, tiny_model, tmp_path_factory):
     dump = tmp_path_factory.mktemp("init")
     server = launch(tiny_model, esamp=True, env={"ESAMP_TEST_DUMP_INIT": str(dump)},
                     extra_args=["--esamp-slots", "8", "--dtype", "float32", "--esamp-client-groups", "off",
-                                "--esamp-init", "svd", "--esamp-prefill-pairs", "0"])
+                                "--esamp-init", "svd", "--esamp-prefill-pairs", "0",
+                                "--enable-mixed-chunk", "--chunked-prefill-size", "16"])
     request.addfinalizer(server.stop)
     server.init_dump = dump
     return server
@@ -77,3 +80,23 @@ def test_a_server_wide_prefill_pairs_of_zero_learns_from_decode_steps_only(optio
     assert "[0, 0]" in response.text
     body["sampling_params"]["custom_params"]["prefill_pairs"] = 0
     assert requests.post(options_server.url + "/generate", json=body, timeout=60).status_code == 200
+
+
+def test_with_mixed_chunks_a_decode_row_in_a_prefill_batch_is_learnt_as_a_decode_row(options_server):
+    """A decodes while B's long prompt is prefilled in chunks of 16 tokens; SGLang runs A's decode
+    steps inside B's prefill batches. With --esamp-prefill-pairs 0 only decode rows train, so A
+    learns every decode step's pair, mixed or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log_start = len(options_server.log_path.read_text(errors="replace"))
+    with ThreadPoolExecutor(2) as pool:
+        decoding = pool.submit(generate, options_server, "Tell a long story", max_new_tokens=64, ignore_eos=True)
+        assert wait_for(lambda: bank(options_server)["active_members"] == 1, timeout=60)
+        prompt = "Prefill me: " + " ".join(f"word{i}" for i in range(120))
+        prefilled = pool.submit(generate, options_server, prompt, max_new_tokens=2, ignore_eos=True)
+        a, b = decoding.result(), prefilled.result()
+    log = options_server.log_path.read_text(errors="replace")[log_start:]
+    assert re.search(r"Prefill batch.*#running-req: 1", log), "no prefill batch ran beside the decoding request"
+    info = a["meta_info"]["esamp"]
+    assert info["train_pairs"] == a["meta_info"]["completion_tokens"] - 1  # every decode step, none lost
+    assert b["meta_info"]["esamp"]["train_pairs"] == b["meta_info"]["completion_tokens"] - 1
