@@ -193,9 +193,10 @@ class Harness:
         lengths = [r.seqlen for r in requests]
         hidden = self.hidden(sum(lengths), seed=seed)
         last_rows = torch.tensor(list(itertools.accumulate(lengths)), device=self.device) - 1
+        info = sampling_info(requests, self.model.vocab_size, self.device)
         forward_batch = SimpleNamespace(
             forward_mode=ForwardMode.EXTEND, _esamp_reqs=list(requests), extend_seq_lens_cpu=lengths,
-            extend_prefix_lens_cpu=[0] * len(requests),
+            extend_prefix_lens_cpu=[0] * len(requests), sampling_info=info,
             input_ids=torch.tensor([t for r in requests for t in r.origin_input_ids], device=self.device),
             is_prefill_only=all(r.sampling_params.max_new_tokens == 0 for r in requests))
         output = LogitsProcessorOutput(next_token_logits=hidden.logits.index_select(0, last_rows),
@@ -204,7 +205,6 @@ class Harness:
             self.backend.learn_prefill_only(self.model.runner, output, forward_batch)
             return None
         n = len(requests)
-        info = sampling_info(requests, self.model.vocab_size, self.device)
         positions = torch.tensor(lengths, device=self.device) - 1
         with self.backend.bound(self.model.runner, forward_batch):
             return self.backend(output, info, False, [0] * n, [None] * n, positions)

@@ -13,9 +13,10 @@ A step, top to bottom (`forward`), one `BackendStep` object through SGLang's own
            temperature and softmax (`_preprocess_logits`);
   draw     inside SGLang's draw (`_sample_from_probs`): on the pytorch backend (the CPU, and
            deterministic inference) every row in one draw exactly as SGLang's torch sampler
-           makes it, ESamp rows' kept weights fused (`_draw_jointly`); on flashinfer, plain
-           rows by flashinfer and ESamp rows once, by the fused keep-fuse-draw kernel
-           (`_draw_fused`); either way the step's training is queued behind the draw.
+           makes it, ESamp rows' kept weights fused (`_draw_jointly`); on flashinfer, the
+           whole batch by flashinfer as a stock server draws it, then the ESamp rows by the
+           fused keep-fuse-draw kernel (`_draw_fused`); either way the step's training is
+           queued behind the draw.
 
 Tensor parallel: every TP rank runs the same step on the same (replicated) hidden states
 and full logits; only d = W_head[c] · ŷ and the embedding rows need the vocabulary-sharded
@@ -281,16 +282,12 @@ class ESampBackend(Sampler):
             return super()._sample_from_probs(probs, sampling_info, positions, simple_sampling_case)
 
     def _draw_fused(self, step: BackendStep, probs, sampling_info, positions, simple: bool) -> torch.Tensor:
-        """Plain rows by the plain backend (flashinfer), ESamp rows once, by the fused kernel."""
-        tokens = torch.empty(probs.shape[0], dtype=torch.int32, device=probs.device)
-        plain = [row for row in range(probs.shape[0]) if row not in step.batch_rows]
-        if plain:
-            rows = to_device(plain, probs.device)
-            subset = copy.copy(sampling_info)
-            for name in ("top_ks", "top_ps", "min_ps"):  # what the draw from probabilities reads
-                setattr(subset, name, getattr(sampling_info, name).index_select(0, rows))
-            drawn, _ = self._sample_plainly(probs.index_select(0, rows), subset, positions, simple)
-            tokens.index_copy_(0, rows, drawn.to(tokens.dtype))
+        """Every row as a stock server draws it (the plain backend's one call over the whole batch:
+        plain rows get the very tokens and random stream of a server without ESamp), then the
+        ESamp rows once more by the fused kernel, over their stock tokens (its Philox counters are
+        its own: the stock draw's generator never sees them)."""
+        tokens, _ = self._sample_plainly(probs, sampling_info, positions, simple)
+        tokens = tokens.to(torch.int32)  # flashinfer's own dtype: no copy
         for part in step.parts:
             part.engine.sample(part.step, probs, part.logits, filters_of(sampling_info), out=tokens)
         return tokens

@@ -32,9 +32,9 @@ def to_device(values: Sequence | torch.Tensor, device: torch.device, dtype: Opti
         host = values if dtype is None else values.to(dtype)
     else:
         host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host if device.type == "cpu" else host.to(device)
 
 
 class PairRow(NamedTuple):

@@ -93,7 +93,8 @@ class StepOps:
         self.tap_rows = tap_rows_for(path)  # the gathers of an engine's taps on this path
         self.d_over_temperature = d_over_temperature
         device = lm_head_weight.device
-        self.generator = torch.Generator(device).manual_seed(seed)  # the torch draw's
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None  # the torch draw's, made at its first draw
         self.philox = torch.tensor([seed, 0], dtype=torch.int64, device=device)  # the kernel's [seed, offset]
         vocab = lm_head_weight.shape[0]
         draw_k = max_candidates if 0 < max_candidates < vocab else vocab
@@ -139,6 +140,8 @@ class StepOps:
 
             return fused_draw_triton(inputs, sampled, self.lm_head_weight, philox=self.philox,
                                      d_over_temperature=self.d_over_temperature, out=out)
+        if self.generator is None:
+            self.generator = torch.Generator(self.lm_head_weight.device).manual_seed(self.seed)
         return fused_draw_torch(inputs, sampled, self.lm_head_weight, d_over_temperature=self.d_over_temperature,
                                 generator=self.generator, vocab_shard=self.vocab_shard, out=out)
 

@@ -69,7 +69,7 @@ def test_a_decode_step_runs_the_distiller_forward_once(runtime, monkeypatch, pat
     assert infos[4:] == [None, None]  # plain rows: no ESamp entry
 
 
-def test_on_the_flashinfer_path_esamp_rows_are_drawn_once_by_the_kernel_and_plain_rows_by_flashinfer(
+def test_on_the_flashinfer_path_flashinfer_draws_the_batch_as_stock_and_the_kernel_redraws_esamp_rows(
         runtime, monkeypatch):
     h = make(runtime, monkeypatch, "gpu")
     batch = mixed_batch(groups=2, per_group=3, plain=3)
@@ -80,8 +80,24 @@ def test_on_the_flashinfer_path_esamp_rows_are_drawn_once_by_the_kernel_and_plai
     draws = counting(monkeypatch, __import__("sgl_esamp.kernels.draw", fromlist=["x"]), "fused_draw_triton")
     with gpu_path(h.backend):
         tokens, _ = h.decode(batch)
-    assert drawn_by_flashinfer == [3] and len(draws) == 1  # each row drawn once
+    assert drawn_by_flashinfer == [9] and len(draws) == 1  # the whole batch, as stock; ESamp rows by one kernel
     assert tokens.dtype == torch.int32 and ((0 <= tokens) & (tokens < VOCAB)).all()
+
+
+def test_on_the_flashinfer_path_plain_rows_get_the_tokens_a_stock_server_draws(runtime, monkeypatch):
+    """The same batch, the same generator state: the plain rows of a batch with ESamp rows get the
+    tokens they get when every row is plain (what a server without ESamp draws)."""
+    h = make(runtime, monkeypatch, "gpu")
+    batch = mixed_batch(groups=2, per_group=3, plain=3)
+    stock = batch[:6] + [harness.request(custom_params={"sampling": "plain"}) for _ in range(6)]
+    stock = [stock[6 + i] if i < 6 else batch[i] for i in range(9)]  # ESamp rows replaced by plain twins
+    hidden = h.hidden(len(batch), seed=3)
+    drawn = []
+    for rows in (batch, stock):
+        torch.manual_seed(11)
+        with gpu_path(h.backend):
+            drawn.append(h.decode(rows, hidden=hidden)[0])
+    assert torch.equal(drawn[0][6:], drawn[1][6:])
 
 
 @pytest.mark.parametrize("kind", ["all plain", "all beta 0", "esamp rows"])

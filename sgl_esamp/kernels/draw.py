@@ -175,6 +175,7 @@ def fused_draw_triton(
         tokens if out is None else out, tokens, weights, d, kept, faults, signal, philox,
         K, H, logits.stride(0), lm_head_weight.stride(0),
         D_OVER_T=d_over_temperature, HAS_OUT=out is not None, BLOCK_K=block_k, BLOCK_H=block_h,
+        num_warps=8 if block_k >= 512 else 4,  # a row's K ranks in registers: 8 warps keep them there
     )
     philox[1:].add_(n * K)  # the next draw's counters start past this one's
     return DrawResult(tokens, weights, d, kept, faults, signal)
