@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = args.model or materialize_smollm2()
-    extra = ["--esamp-slots", str(args.slots), "--enable-metrics"]
+    extra = ["--esamp-slots", str(args.slots), "--esamp-variants", "all", "--enable-metrics"]
     with launch(model, esamp=True, extra_args=extra, env={"ESAMP_TEST_FAULT_GROUP": FAULT_GROUP}) as server:
         rounds = []
         for r in range(args.rounds):

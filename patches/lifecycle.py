@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import metrics, request_params
+from .planning import request_esamp
 from .sampler_backend import ESampBackend
 from .server_args import BACKEND, esamp_config
 
@@ -49,11 +51,21 @@ def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
     return output
 
 
-def _remember_reqs(forward_batch, _cls, batch, *args, **kwargs):
-    # ForwardBatch carries rids only; ESamp needs each row's request (params, finish state), and
-    # which of them decode inside an extend batch (--enable-mixed-chunk, attention DP's conversion).
-    if _sampler() is not None and getattr(batch, "reqs", None) is not None:
-        forward_batch._esamp_reqs = list(batch.reqs)
+def _bind_reqs(original, cls, batch, model_runner, *args, **kwargs):
+    """ForwardBatch carries rids only; ESamp needs each row's request (params, finish state), and
+    which of them decode inside an extend batch (--enable-mixed-chunk, attention DP's conversion).
+    A prefill ESamp reads nothing of (no ESamp request, no client asking for hidden states) skips
+    the hidden-state capture an ESamp server otherwise runs on every forward."""
+    sampler = _sampler()
+    reqs = getattr(batch, "reqs", None)
+    if sampler is not None and reqs is not None and kwargs.get("capture_hidden_mode") is None:
+        if (batch.forward_mode.is_extend() and batch.return_hidden_states_mode == CaptureHiddenMode.NULL
+                and not model_runner.is_draft_worker and not any(request_esamp(req).enabled for req in reqs)):
+            kwargs["capture_hidden_mode"] = CaptureHiddenMode.NULL
+            sampler.capture_skipped_batches += 1
+    forward_batch = original(cls, batch, model_runner, *args, **kwargs)
+    if sampler is not None and reqs is not None:
+        forward_batch._esamp_reqs = list(reqs)
         forward_batch._esamp_decoding = {req.rid for req in getattr(batch, "decoding_reqs", None) or ()}
     return forward_batch
 
@@ -66,7 +78,7 @@ def _verify(_result, sampling_params, *args, **kwargs):
     from sglang.srt.runtime_context import get_server_args
 
     config = esamp_config(get_server_args())
-    request_params.validate(sampling_params.custom_params, True, config.prefill_pairs)
+    request_params.validate(sampling_params.custom_params, True, config)
     if sampling_params.top_k > 1:
         # Stamped once per prompt before n > 1 expansion: the n samples share one group.
         sampling_params.custom_params = request_params.with_group(sampling_params.custom_params, config.client_groups)
@@ -114,7 +126,7 @@ HOOKS = [
     ("sglang.srt.model_executor.model_runner.ModelRunner.prewarm_sampling", _warm_up, HookType.AFTER),
     ("sglang.srt.model_executor.model_runner.ModelRunner.sample", _bind_batch, HookType.AROUND),
     ("sglang.srt.model_executor.model_runner.ModelRunner.forward", _learn_prefill_only, HookType.AFTER),
-    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _remember_reqs, HookType.AFTER),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _bind_reqs, HookType.AROUND),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify, HookType.AFTER),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
     ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output", _stream_output, HookType.AROUND),

@@ -11,12 +11,13 @@ from __future__ import annotations
 def register() -> None:
     from sglang.srt.layers.sampler import register_sampler_backend
 
-    from . import cpu_parallel, lifecycle, routing, server_args, testing
+    from . import cpu_parallel, lifecycle, memory, routing, server_args, testing
     from .sampler_backend import ESampBackend
 
     register_sampler_backend(server_args.BACKEND, ESampBackend)
     server_args.register()
     lifecycle.register()
+    memory.register()
     routing.register()
     cpu_parallel.register()
     testing.install()  # test-only hooks, each behind its environment variable (none by default)

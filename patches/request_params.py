@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from sgl_esamp import check_beta, check_prefill_pairs, check_variant
+from sgl_esamp import ESampConfig, check_beta, check_prefill_pairs, check_variant
 
 SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
 PREFILL_PAIRS_KEY = "prefill_pairs"
@@ -41,10 +41,11 @@ class RequestESamp:
     prefill_pairs: Optional[int]  # None: the server's
 
 
-def validate(custom_params: Optional[dict], server_is_esamp: bool, max_prefill_pairs: Optional[int] = None) -> None:
-    """Raise ValueError naming the field and its allowed values (SGLang answers 400).
-    `max_prefill_pairs`: the server's `--esamp-prefill-pairs`; a request may lower it, never
-    raise it, so that the memory a prefill's learning takes stays the operator's choice."""
+def validate(custom_params: Optional[dict], server_is_esamp: bool, server: Optional[ESampConfig] = None) -> None:
+    """Raise ValueError naming the field and its allowed values (SGLang answers 400). `server`:
+    the server's config, when known: a request may lower its `--esamp-prefill-pairs`, never
+    raise it (the memory a prefill's learning takes stays the operator's choice), and may ask
+    only for a variant the server serves (`--esamp-variants`)."""
     params = custom_params or {}
     sampling = params.get(SAMPLING_KEY)
     if sampling is not None and sampling not in SAMPLING_CHOICES:
@@ -52,12 +53,17 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool, max_prefill_p
     if BETA_KEY in params:
         check_beta(params[BETA_KEY], field=f"custom_params.{BETA_KEY}")
     if VARIANT_KEY in params:
-        check_variant(params[VARIANT_KEY], field=f"custom_params.{VARIANT_KEY}")
+        field = f"custom_params.{VARIANT_KEY}"
+        check_variant(params[VARIANT_KEY], field=field)
+        served = [variant.name for variant in server.served] if server is not None else None
+        if served is not None and params[VARIANT_KEY] not in served:
+            raise ValueError(f"{field}={params[VARIANT_KEY]!r} is invalid: allowed {' or '.join(served)} (the variants "
+                             f"this server serves; start it with --esamp-variants all to serve both)")
     if PREFILL_PAIRS_KEY in params:
         field = f"custom_params.{PREFILL_PAIRS_KEY}"
         pairs = check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=field)
-        if max_prefill_pairs is not None and pairs > max_prefill_pairs:
-            raise ValueError(f"{field}={pairs!r} is invalid: allowed an integer in [0, {max_prefill_pairs}] "
+        if server is not None and pairs > server.prefill_pairs:
+            raise ValueError(f"{field}={pairs!r} is invalid: allowed an integer in [0, {server.prefill_pairs}] "
                              f"(the server's --esamp-prefill-pairs)")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):

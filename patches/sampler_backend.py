@@ -29,7 +29,6 @@ SYNC_TOKEN_IDS_ACROSS_TP, so no rank can drift.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import time
@@ -43,13 +42,14 @@ from sglang.srt.layers import sampler as sglang_sampler
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.runtime_context import get_exec, get_parallel, get_server_args
 
-from sgl_esamp import (VARIANTS, Candidates, ESampConfig, ESampSampler, ESampStep, Filters, Variant, VocabShard,
+from sgl_esamp import (Candidates, ESampConfig, ESampSampler, ESampStep, Filters, Variant, VocabShard,
                        filter_probs)
 from sgl_esamp.kernels import compiled_specializations
-from sgl_esamp.layout import to_device
+from sgl_esamp.memory import state_bytes
 from sgl_esamp.ops import KERNELS_ENV, KernelPath
 from sgl_esamp.rehearsal import PROMPT_ROWS, rehearse
 
+from . import memory
 from .planning import Members, VariantPlan, plan_step
 from .server_args import esamp_config
 from .taps import Taps
@@ -127,6 +127,7 @@ class ESampBackend(Sampler):
         self.members = Members()
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
         self.token_id_sync = TokenIdSync()  # under TP
+        self.capture_skipped_batches = 0  # prefills that skipped the hidden-state capture (lifecycle.py)
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class ESampBackend(Sampler):
         buffers = self._rehearsal_buffers()
         taps = {path: self._taps(path) for path in {kernels.name, "torch"}}
         scratch = dataclasses.replace(self.config, num_slots=2, init="normal")  # the real banks stay untouched
-        for variant in VARIANTS.values():
+        for variant in self.config.served:
             self.engine(variant)
             rehearse(lambda path: self._sampler(variant, scratch, path),
                      lambda path: (lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources)),
@@ -360,7 +361,8 @@ class ESampBackend(Sampler):
         return {"enabled": True, "group_id": group, "dp_rank": self.dp_rank, **stats, **counts}
 
     def server_stats(self) -> dict:
-        """Bank figures summed over the variants' banks (each has `--esamp-slots` slots), and per variant."""
+        """Bank figures summed over the served variants' banks (each has `--esamp-slots` slots), per
+        variant, and the memory ESamp reserved in SGLang's plan and the state it allocated."""
         by_variant = {name: engine.stats() for name, engine in self.engines.items()}
         totals = Counter()
         for bank in by_variant.values():
@@ -375,8 +377,12 @@ class ESampBackend(Sampler):
             "dp_rank": self.dp_rank,
             "tp_size": self.tp_size,
             "tp_token_mismatches": self.token_id_sync.mismatches,
+            "capture_skipped_batches": self.capture_skipped_batches,
             "kernels": self.kernels.name,
             "kernels_reason": self.kernels.reason,
+            "memory": {**memory.RESERVED, "allocated_state_bytes": sum(
+                state_bytes(dataclasses.replace(self.config, variants=name, variant=name), self.taps.hidden_size)
+                for name in self.engines) if self.taps else 0},
             "config": dict(self.config.__dict__),
         }
 

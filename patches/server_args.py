@@ -50,6 +50,8 @@ OPTIONS = {
                                                     "0 = decode steps only (default 256)"),
     "--esamp-client-groups": ("client_groups", _on_off, "on: requests may name their group (custom_params.group_id, "
                                                         "frontend forks); off: ignore client ids (default on)"),
+    "--esamp-variants": ("variants", str, "variants the server builds a bank for and serves: auto (the server's "
+                                          "--esamp-variant only), all, or the server's variant (default auto)"),
 }
 
 

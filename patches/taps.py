@@ -29,8 +29,9 @@ from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYE
 
 
 def capture_layer_ids(config: ESampConfig, num_layers: int) -> list[int]:
-    """SGLang aux-capture ids (id i captures the residual entering layer i+1) the taps need."""
-    return sorted({config.resolve_source_layer(num_layers), num_layers - 2})
+    """SGLang aux-capture ids (id i captures the residual entering layer i+1) the served variants' taps need."""
+    needed = {SOURCE_BLOCK_OUTPUT: config.resolve_source_layer(num_layers), LAST_LAYER_INPUT_NORMED: num_layers - 2}
+    return sorted({needed[tap] for variant in config.served for tap in (variant.source, variant.target) if tap in needed})
 
 
 class Taps:
@@ -50,8 +51,8 @@ class Taps:
         self.hidden_size = self.embedding.shape[1]
         ids = capture_layer_ids(config, num_layers)
         self.width = len(ids) * self.hidden_size  # of SGLang's captured hidden_states
-        self.columns = {SOURCE_BLOCK_OUTPUT: ids.index(config.resolve_source_layer(num_layers)),
-                        LAST_LAYER_INPUT_NORMED: ids.index(num_layers - 2)}
+        layer_of = {SOURCE_BLOCK_OUTPUT: config.resolve_source_layer(num_layers), LAST_LAYER_INPUT_NORMED: num_layers - 2}
+        self.columns = {tap: ids.index(layer) for tap, layer in layer_of.items() if layer in ids}
         self.tap_rows = tap_rows_for(kernels)
 
     def target_norm_weight(self, variant: Variant) -> torch.Tensor:

@@ -34,6 +34,11 @@ warm-up chooses its kernel path as on a GPU (ESAMP_KERNELS=auto: Triton, falling
 torch path; ESAMP_KERNELS=triton: Triton, the failure fatal), with the other kernels under
 Triton's interpreter (tests/test_kernel_fallback.py).
 
+`ESAMP_TEST_DEVICE_FREE_GB=<GB>`: SGLang measures this much free device memory, before the model
+loads and when it sizes the KV cache (on the CPU it measures the machine's free RAM, which other
+processes move by more than a test model's banks), so that a test can see the KV pool shrink by
+what ESamp reserves (tests/test_memory_plan.py).
+
 Unset (the default), `install()` does nothing: no wrapper, no hook, no cost.
 """
 
@@ -48,6 +53,7 @@ DUMP_TAPS_ENV = "ESAMP_TEST_DUMP_TAPS"
 FAULT_GROUP_ENV = "ESAMP_TEST_FAULT_GROUP"
 DUMP_INIT_ENV = "ESAMP_TEST_DUMP_INIT"
 KERNEL_FAULT_ENV = "ESAMP_TEST_KERNEL_FAULT"
+DEVICE_FREE_ENV = "ESAMP_TEST_DEVICE_FREE_GB"
 
 _forward_batch: list[Any] = [None]  # the batch of the ModelRunner.forward / .sample running now
 
@@ -197,6 +203,16 @@ def _install_kernel_fault(name: str) -> None:
     ops.KernelPath.requested = staticmethod(as_on_a_gpu)
 
 
+def _install_device_free(gigabytes: float) -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    def measured(*args: Any, **kwargs: Any) -> float:
+        return gigabytes
+
+    for site in ("sglang.srt.distributed.bootstrap", "sglang.srt.mem_cache.kv_cache_configurator"):
+        HookRegistry.register(f"{site}.get_available_gpu_memory", measured, HookType.REPLACE)
+
+
 def install() -> None:
     """Install the test hooks whose environment variables are set (none by default)."""
     directory = os.environ.get(DUMP_TAPS_ENV)
@@ -211,3 +227,6 @@ def install() -> None:
     kernel = os.environ.get(KERNEL_FAULT_ENV)
     if kernel:
         _install_kernel_fault(kernel)
+    free = os.environ.get(DEVICE_FREE_ENV)
+    if free:
+        _install_device_free(float(free))

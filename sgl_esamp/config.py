@@ -88,6 +88,9 @@ class ESampConfig:
     client_groups:   whether requests may name their group (`custom_params.group_id`, and
                      the frontend's forks); off: only the n samples of one request share a
                      Distiller (for servers shared by clients that do not trust each other).
+    variants:        the variants a server builds a bank for and serves: "auto" (its own
+                     `variant` only), "all", or one variant's name; a request may ask only
+                     for one of them (each bank takes memory, and its hidden states a capture).
     """
 
     variant: str = "latent"  # chosen on the dev split (docs/EVAL.md)
@@ -102,6 +105,7 @@ class ESampConfig:
     seed: int = 0
     prefill_pairs: int = 256
     client_groups: bool = True
+    variants: str = "auto"
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
@@ -121,6 +125,18 @@ class ESampConfig:
         check_prefill_pairs(self.prefill_pairs)
         if not isinstance(self.client_groups, bool):
             raise ESampConfigError("client_groups", self.client_groups, "true or false")
+        if self.variants not in ("auto", "all", *VARIANTS):
+            raise ESampConfigError("variants", self.variants, f"one of auto, all, {', '.join(VARIANTS)}")
+        if self.variants in VARIANTS and self.variants != self.variant:
+            raise ESampConfigError("variants", self.variants, f"auto, all or {self.variant} (the server's variant "
+                                                               "must be served)")
+
+    @property
+    def served(self) -> tuple[Variant, ...]:
+        """The variants this config builds a bank for, the server's own first."""
+        if self.variants == "all":
+            return (VARIANTS[self.variant], *(v for name, v in VARIANTS.items() if name != self.variant))
+        return (VARIANTS[self.variant],)
 
     def init_for(self, variant: Variant) -> str:
         """The Distiller initialisation a group of `variant` starts from."""

@@ -39,7 +39,7 @@ def _server(request, model: Path, **kwargs):
 @pytest.fixture(scope="session")
 def esamp_server(request, tiny_model):
     """The plugin with `--sampler esamp`."""
-    return _server(request, tiny_model, esamp=True, extra_args=["--esamp-slots", "8"])
+    return _server(request, tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--esamp-variants", "all"])
 
 
 @pytest.fixture(scope="session")

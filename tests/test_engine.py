@@ -71,8 +71,9 @@ def test_offline_engine_samples_with_esamp(tiny_model, tmp_path):
     assert report["plain"] is None or not report["plain"]["enabled"]
     assert "custom_params.beta" in report["bad_beta"] and "[0.0, 10.0]" in report["bad_beta"]
     assert report["after_error"]["enabled"]
-    # --esamp-slots reached the Engine's scheduler: each variant's bank (both built at start-up) has 3
+    # --esamp-slots reached the Engine's scheduler: the server's variant's bank (the only one a
+    # server builds by default, --esamp-variants auto) has 3
     by_variant = report["bank"]["by_variant"]
-    assert set(by_variant) == {"reference", "latent"}
+    assert set(by_variant) == {"latent"}
     assert {bank["slots_total"] for bank in by_variant.values()} == {3}
     assert report["bank"]["slots_total"] == 3 * len(by_variant)

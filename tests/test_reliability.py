@@ -20,7 +20,7 @@ POISONED = "poisoned-group"
 def faulty_server(request, tiny_model):
     from sgl_esamp.patches.launch import launch
 
-    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--enable-metrics"],
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--esamp-variants", "all", "--enable-metrics"],
                     env={"ESAMP_TEST_FAULT_GROUP": POISONED})
     request.addfinalizer(server.stop)
     return server

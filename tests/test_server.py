@@ -37,7 +37,7 @@ def test_the_sampler_is_built_and_warmed_up_before_the_first_request(esamp_serve
 
     lines = esamp_server.log_path.read_text(errors="replace").splitlines()
     warm = [i for i, line in enumerate(lines)
-            if re.search(r"ESamp warm-up: reference and latent built and rehearsed in [0-9.]+ s \(torch path", line)]
+            if re.search(r"ESamp warm-up: latent and reference built and rehearsed in [0-9.]+ s \(torch path", line)]
     first_batch = next(i for i, line in enumerate(lines) if "Prefill batch" in line)  # launch()'s health check
     assert len(warm) == 1 and warm[0] < first_batch
     assert set(bank(esamp_server)["by_variant"]) == {"reference", "latent"}
@@ -163,3 +163,17 @@ def test_esamp_on_a_server_without_esamp_says_how_to_start_it(non_esamp_server):
     assert "--sampler esamp" in response.text
     plain = generate(non_esamp_server, "hi", max_new_tokens=2)
     assert "esamp" not in plain["meta_info"]
+
+
+def test_a_prefill_esamp_reads_nothing_of_skips_the_hidden_state_capture(esamp_server):
+    """Plain and greedy prompts on an ESamp server are prefilled without the capture (the
+    capture-only cost of plain traffic); a prompt ESamp samples is captured."""
+    skipped = lambda: bank(esamp_server)["capture_skipped_batches"]  # noqa: E731
+    before = skipped()
+    generate(esamp_server, "A plain prompt, not captured", max_new_tokens=2, custom_params={"sampling": "plain"})
+    generate(esamp_server, "A greedy prompt, not captured either", max_new_tokens=2, temperature=0.0)
+    plain = skipped()
+    assert plain - before == 2
+    out = generate(esamp_server, "An ESamp prompt, captured", max_new_tokens=2)
+    assert out["meta_info"]["esamp"]["train_pairs"] > 0  # its prompt was learnt: its states were there
+    assert skipped() == plain

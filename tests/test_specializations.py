@@ -8,7 +8,6 @@ depend on the arguments only), the warm-up's are (its rehearsal checks them agai
 import random
 
 import pytest
-import torch
 
 from sgl_esamp.patches import harness
 from support.triton_targets import record_specializations

@@ -73,7 +73,8 @@ def served(request, tmp_path_factory):
         "plain": (prompts[4], {"sampling": "plain"}, {}),
         "greedy": (prompts[5], {}, {"temperature": 0.0}),
     }
-    server = launch(model, extra_args=["--dtype", "float32", "--esamp-source-layer", str(source_layer)],
+    server = launch(model, extra_args=["--dtype", "float32", "--esamp-source-layer", str(source_layer),
+                                       "--esamp-variants", "all"],
                     env={"ESAMP_TEST_DUMP_TAPS": str(dump)})
     outputs, errors = {}, []
     try:

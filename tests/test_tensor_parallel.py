@@ -188,7 +188,7 @@ def test_shard_bounds_are_the_ones_the_engine_gave():
 def tp_server(request, tiny_model):
     from sgl_esamp.patches.launch import launch
 
-    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--tp-size", str(WORLD)],
+    server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--esamp-variants", "all", "--tp-size", str(WORLD)],
                     env={"ESAMP_TEST_FAULT_GROUP": "tp-faulty"})
     request.addfinalizer(server.stop)
     return server

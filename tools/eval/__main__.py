@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     def server_args(layer: int) -> list[str]:
-        return ["--esamp-source-layer", str(layer), "--random-seed", str(args.sampling_seed),
+        return ["--esamp-source-layer", str(layer), "--random-seed", str(args.sampling_seed), "--esamp-variants", "all",
                 "--max-running-requests", str(max(32, args.concurrency * args.n)), *args.server_arg]
 
     def pick(ms: list[Method]) -> list[Method]:

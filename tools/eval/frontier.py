@@ -113,7 +113,8 @@ def server_settings(rows: int, seed: int = 0, source_layer: int = 0, threads: in
     from sgl_esamp.patches.launch import has_cuda
 
     args = ["--random-seed", str(seed), "--esamp-source-layer", str(source_layer),
-            "--max-running-requests", str(rows), "--esamp-slots", str(rows), "--disable-radix-cache"]
+            "--max-running-requests", str(rows), "--esamp-slots", str(rows), "--disable-radix-cache",
+            "--esamp-variants", "all"]
     env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
     if not has_cuda():
         args += ["--max-total-tokens", str(max(65536, rows * 512))]
