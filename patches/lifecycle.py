@@ -13,7 +13,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 from . import metrics, request_params
 from .planning import request_esamp
 from .sampler_backend import ESampBackend
-from .server_args import BACKEND, esamp_config
+from .server_args import BACKEND, client_hidden_states_mode, esamp_config
 
 logger = logging.getLogger(__name__)
 META_KEY = "esamp"
@@ -41,14 +41,24 @@ def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **k
     if not isinstance(sampler, ESampBackend):
         return original(model_runner, logits_output, forward_batch, *args, **kwargs)
     with sampler.bound(model_runner, forward_batch):
-        return original(model_runner, logits_output, forward_batch, *args, **kwargs)
+        result = original(model_runner, logits_output, forward_batch, *args, **kwargs)
+    _client_hidden_states(logits_output, forward_batch)
+    return result
 
 
 def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
     sampler = getattr(model_runner, "sampler", None)
     if isinstance(sampler, ESampBackend) and forward_batch.is_prefill_only:
         sampler.learn_prefill_only(model_runner, output.logits_output, forward_batch)
+        _client_hidden_states(output.logits_output, forward_batch)
     return output
+
+
+def _client_hidden_states(logits_output, forward_batch) -> None:
+    """A client that asked for hidden states (where the operator allows it) gets what a stock server
+    returns, the final states, not the layers ESamp captured for itself: once ESamp has read them."""
+    if getattr(forward_batch, "_esamp_client_hidden", False) and logits_output.last_hidden_states is not None:
+        logits_output.hidden_states = logits_output.last_hidden_states
 
 
 def _bind_reqs(original, cls, batch, model_runner, *args, **kwargs):
@@ -65,6 +75,7 @@ def _bind_reqs(original, cls, batch, model_runner, *args, **kwargs):
             sampler.capture_skipped_batches += 1
     forward_batch = original(cls, batch, model_runner, *args, **kwargs)
     if sampler is not None and reqs is not None:
+        forward_batch._esamp_client_hidden = batch.return_hidden_states_mode != CaptureHiddenMode.NULL
         forward_batch._esamp_reqs = list(reqs)
         forward_batch._esamp_decoding = {req.rid for req in getattr(batch, "decoding_reqs", None) or ()}
     return forward_batch
@@ -82,6 +93,22 @@ def _verify(_result, sampling_params, *args, **kwargs):
     if sampling_params.top_k > 1:
         # Stamped once per prompt before n > 1 expansion: the n samples share one group.
         sampling_params.custom_params = request_params.with_group(sampling_params.custom_params, config.client_groups)
+
+
+def _client_hidden_states_allowed(_result, _manager, obj, *args, **kwargs):
+    """An ESamp server captures hidden states for itself; clients get them only where the operator
+    asked for it (--enable-return-hidden-states, --return-hidden-states-mode full), as on a stock server."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.managers.schedule_batch import get_request_return_hidden_states_mode
+    from sglang.srt.runtime_context import get_server_args
+
+    if not _server_is_esamp() or not isinstance(obj, GenerateReqInput):
+        return
+    asked = get_request_return_hidden_states_mode(obj.return_hidden_states)
+    if asked.need_capture() and client_hidden_states_mode(get_server_args()) is None:
+        raise ValueError("The server is not configured to return hidden states (--sampler esamp captures them for "
+                         "itself only). Please set `--return-hidden-states-mode full` or the legacy "
+                         "`--enable-return-hidden-states` flag.")
 
 
 def _unwrap_meta(_result, _manager, meta_info, *args, **kwargs):
@@ -129,6 +156,8 @@ HOOKS = [
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _bind_reqs, HookType.AROUND),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify, HookType.AFTER),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _client_hidden_states_allowed,
+     HookType.AFTER),
     ("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output", _stream_output, HookType.AROUND),
     (
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.is_request_level_customized_info_key",

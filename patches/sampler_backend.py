@@ -48,6 +48,7 @@ from sgl_esamp.kernels import compiled_specializations
 from sgl_esamp.memory import state_bytes
 from sgl_esamp.ops import KERNELS_ENV, KernelPath
 from sgl_esamp.rehearsal import PROMPT_ROWS, rehearse
+from sgl_esamp.training import SIDE_STREAM_PRIORITY
 
 from . import memory
 from .planning import Members, VariantPlan, plan_step
@@ -128,6 +129,7 @@ class ESampBackend(Sampler):
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
         self.token_id_sync = TokenIdSync()  # under TP
         self.capture_skipped_batches = 0  # prefills that skipped the hidden-state capture (lifecycle.py)
+        self.streams_checked = False
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
@@ -137,8 +139,9 @@ class ESampBackend(Sampler):
             engine = self.engines[variant.name] = self._sampler(variant, self.config, self.kernels.name)
         return engine
 
-    def _sampler(self, variant: Variant, config: ESampConfig, kernels: str) -> ESampSampler:
-        """An ESampSampler of `variant` for the loaded model (the server's engines, and the warm-up's scratch ones)."""
+    def _sampler(self, variant: Variant, config: ESampConfig, kernels: str, scratch: bool = False) -> ESampSampler:
+        """An ESampSampler of `variant` for the loaded model: the server's engines, or the warm-up's
+        scratch ones (which train in line: no stream of their own)."""
         model = self.model_runner.model
         last_mlp = None
         if config.init_for(variant) == "svd":
@@ -154,6 +157,7 @@ class ESampBackend(Sampler):
             last_mlp=last_mlp,
             vocab_shard=head_shard,
             kernels=kernels,
+            side_stream=not scratch,
         )
 
     def _taps(self, kernels: str) -> Taps:
@@ -197,7 +201,7 @@ class ESampBackend(Sampler):
         scratch = dataclasses.replace(self.config, num_slots=2, init="normal")  # the real banks stay untouched
         for variant in self.config.served:
             self.engine(variant)
-            rehearse(lambda path: self._sampler(variant, scratch, path),
+            rehearse(lambda path: self._sampler(variant, scratch, path, scratch=True),
                      lambda path: (lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources)),
                      kernels.name, self.model_runner.model_config.vocab_size)
 
@@ -226,8 +230,24 @@ class ESampBackend(Sampler):
         with self.bound(model_runner, forward_batch):
             self._begin_step(logits_output, forward_batch.sampling_info)
 
+    def _check_streams(self) -> None:
+        """Once, on CUDA: each engine's side stream is none of SGLang's (the one sampling now, the
+        model runner's forward stream); one that is gets a fresh stream, and the log says so."""
+        self.streams_checked = True
+        theirs = {torch.cuda.current_stream().cuda_stream}
+        forward_stream = getattr(self.model_runner, "forward_stream", None)
+        if forward_stream is not None:
+            theirs.add(forward_stream.cuda_stream)
+        for name, engine in self.engines.items():
+            stream = engine.trainer.stream
+            if stream is not None and stream.cuda_stream in theirs:
+                engine.trainer.stream = torch.cuda.Stream(stream.device, priority=SIDE_STREAM_PRIORITY)
+                logger.warning("ESamp %s: the training side stream was one of SGLang's; replaced", name)
+
     def _begin_step(self, logits_output: Any, sampling_info: Any) -> Optional[BackendStep]:
         """Plan and capture the step; learn at once what is not drawn. None: ESamp draws no row."""
+        if not self.streams_checked and torch.cuda.is_available():
+            self._check_streams()
         if sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
             return None
         if logits_output.hidden_states is None or logits_output.last_hidden_states is None:

@@ -72,12 +72,14 @@ class ESampSampler:
         last_mlp: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
         vocab_shard: Optional[VocabShard] = None,
         kernels: Optional[str] = None,
+        side_stream: bool = True,
     ):
         """lm_head_weight: [V, H], or this rank's rows of a head sharded as `vocab_shard` says
         (tensor parallel); variant: default the config's; target_norm_weight: weight [H]
         of the norm that produced the target (the zero/svd inits start the LN gain from it);
         last_mlp: (gate [I, H], up [I, H], down [H, I]) weights, required for init="svd";
-        kernels: "triton" or "torch" (default: what ESAMP_KERNELS asks for on the head's device)."""
+        kernels: "triton" or "torch" (default: what ESAMP_KERNELS asks for on the head's device);
+        side_stream: on CUDA, train on a stream of its own (else in line: a warm-up's scratch)."""
         self.config = config
         self.variant = variant or VARIANTS[config.variant]
         device = lm_head_weight.device
@@ -88,7 +90,7 @@ class ESampSampler:
         init = initial_weights(config, self.variant, lm_head_weight.shape[1], target_norm_weight, last_mlp)
         with torch.inference_mode(False):  # trainable state must not be inference tensors
             self.distillers = DistillerBank(init, config.num_slots, device, config.torch_state_dtype)
-            self.trainer = DistillerTrainer(self.distillers, config.lr, self.variant.weight_decay)
+            self.trainer = DistillerTrainer(self.distillers, config.lr, self.variant.weight_decay, side_stream)
         self.mirror = HostMirror(self.trainer.stats)
         self.groups = GroupBank(config.num_slots)
         self.fresh_slots: set[int] = set()  # assigned to a new group, not yet reset by a step

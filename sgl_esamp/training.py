@@ -38,12 +38,16 @@ from .step import ESampStep, Outcome
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+# The side stream's priority. PyTorch hands streams out round-robin from a pool per priority:
+# an engine's own streams (SGLang's are all at 0) never share a pool with ESamp's.
+SIDE_STREAM_PRIORITY = -1
 
 
 class DistillerTrainer:
     """Per-slot AdamW over a DistillerBank, its optimizer state and the per-slot statistics."""
 
-    def __init__(self, bank: DistillerBank, lr: float, weight_decay: float = 0.0):
+    def __init__(self, bank: DistillerBank, lr: float, weight_decay: float = 0.0, side_stream: bool = True):
+        """side_stream: on CUDA, train on a stream of ESamp's own (else in line)."""
         self.bank = bank
         self.lr = lr
         self.weight_decay = weight_decay
@@ -51,7 +55,9 @@ class DistillerTrainer:
         self.exp_avg_rows, self.exp_avg_sq_rows = torch.zeros_like(bank.rows), torch.zeros_like(bank.rows)
         self.exp_avg, self.exp_avg_sq = (bank.views(m[:num_slots]) for m in (self.exp_avg_rows, self.exp_avg_sq_rows))
         self.stats = S.new_stats(num_slots, device)
-        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream: Optional[torch.cuda.Stream] = None
+        if device.type == "cuda" and side_stream:
+            self.stream = torch.cuda.Stream(device, priority=SIDE_STREAM_PRIORITY)
         self.done: Optional[torch.cuda.Event] = None
 
     # -- the step (torch path) -------------------------------------------------------------

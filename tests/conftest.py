@@ -51,8 +51,8 @@ def non_esamp_server(request, tiny_model):
 @pytest.fixture(scope="session")
 def float32_server(request, tiny_model):
     """`--sampler esamp` in float32 (comparable with HF transformers) with a small chunked-prefill
-    size (prompts longer than 64 tokens are prefilled in chunks) and no prefix cache (every
-    request prefills its whole prompt)."""
+    size (prompts longer than 64 tokens are prefilled in chunks), no prefix cache (every
+    request prefills its whole prompt), and clients allowed to ask for hidden states."""
     return _server(request, tiny_model, esamp=True,
                    extra_args=["--esamp-slots", "8", "--dtype", "float32", "--chunked-prefill-size", "64",
-                               "--disable-radix-cache"])
+                               "--disable-radix-cache", "--enable-return-hidden-states"])

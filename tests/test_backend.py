@@ -20,7 +20,7 @@ BUDGET = 24  # launches ESamp may add to a decode step, per variant present (iss
 
 @pytest.fixture(scope="module")
 def runtime(tiny_model):
-    harness.publish(tiny_model)
+    harness.publish(tiny_model, ["--esamp-variants", "all"])  # requests may ask for either variant
     return harness.Model.random(HIDDEN, VOCAB, LAYERS)
 
 

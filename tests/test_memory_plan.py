@@ -26,12 +26,17 @@ def servers(request, tiny_model):
         servers = {name: future.result() for name, future in started.items()}
     for server in servers.values():
         request.addfinalizer(server.stop)
+    return servers
+
+
+@pytest.fixture(scope="module")
+def infos(servers):
     return {name: requests.get(s.url + "/server_info", timeout=30).json() for name, s in servers.items()}
 
 
 @pytest.mark.parametrize("name", ["esamp", "esamp-all"])
-def test_the_kv_pool_shrinks_by_what_esamp_reserves(servers, name):
-    stock, esamp = servers["stock"], servers[name]
+def test_the_kv_pool_shrinks_by_what_esamp_reserves(infos, name):
+    stock, esamp = infos["stock"], infos[name]
     tokens = stock["max_total_num_tokens"]
     cell = int(FREE_GB * FRACTION * 2**30) // tokens  # bytes per token of the KV pool
     assert tokens > 100_000 and esamp["max_total_num_tokens"] < tokens
@@ -43,7 +48,15 @@ def test_the_kv_pool_shrinks_by_what_esamp_reserves(servers, name):
     assert plan["planned_sampled_rows"] == 32  # --max-running-requests
 
 
-def test_serving_both_variants_reserves_both_banks(servers):
-    one, both = (servers[name]["internal_states"][0]["esamp"]["memory"] for name in ("esamp", "esamp-all"))
+def test_serving_both_variants_reserves_both_banks(infos):
+    one, both = (infos[name]["internal_states"][0]["esamp"]["memory"] for name in ("esamp", "esamp-all"))
     assert both["state_bytes"] == 2 * one["state_bytes"]
-    assert servers["esamp"]["max_total_num_tokens"] > servers["esamp-all"]["max_total_num_tokens"]
+    assert infos["esamp"]["max_total_num_tokens"] > infos["esamp-all"]["max_total_num_tokens"]
+
+
+def test_by_default_a_server_serves_its_own_variant_only(servers, infos):
+    assert set(infos["esamp"]["internal_states"][0]["esamp"]["by_variant"]) == {"latent"}  # one bank, one capture
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 2, "custom_params": {"variant": "reference"}}}
+    response = requests.post(servers["esamp"].url + "/generate", json=body, timeout=60)
+    assert response.status_code == 400 and "custom_params.variant='reference' is invalid" in response.text
+    assert "--esamp-variants all" in response.text

@@ -23,7 +23,7 @@ def options_server(request, tiny_model, tmp_path_factory):
     dump = tmp_path_factory.mktemp("init")
     server = launch(tiny_model, esamp=True, env={"ESAMP_TEST_DUMP_INIT": str(dump)},
                     extra_args=["--esamp-slots", "8", "--dtype", "float32", "--esamp-client-groups", "off",
-                                "--esamp-init", "svd", "--esamp-prefill-pairs", "0",
+                                "--esamp-init", "svd", "--esamp-prefill-pairs", "0", "--esamp-variants", "all",
                                 "--enable-mixed-chunk", "--chunked-prefill-size", "16"])
     request.addfinalizer(server.stop)
     server.init_dump = dump
@@ -100,3 +100,4 @@ def test_with_mixed_chunks_a_decode_row_in_a_prefill_batch_is_learnt_as_a_decode
     info = a["meta_info"]["esamp"]
     assert info["train_pairs"] == a["meta_info"]["completion_tokens"] - 1  # every decode step, none lost
     assert b["meta_info"]["esamp"]["train_pairs"] == b["meta_info"]["completion_tokens"] - 1
+

@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops that launch nothing: allocations, metadata, stream bookkeeping
@@ -117,8 +116,5 @@ def esamp_step_model() -> tuple[dict[str, Any], dict[str, Any]]:
     import sgl_esamp.layout as layout
     from sgl_esamp.mirror import HostMirror
 
-    from sgl_esamp.patches import sampler_backend
-
-    opaque = {"copy.to_device": (layout, "to_device"), "copy.to_device (plain rows)": (sampler_backend, "to_device"),
-              "copy.mirror": (HostMirror, "publish")}
+    opaque = {"copy.to_device": (layout, "to_device"), "copy.mirror": (HostMirror, "publish")}
     return opaque, {"host.layout": (layout.StepLayout, "host_layout")}

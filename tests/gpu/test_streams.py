@@ -99,3 +99,14 @@ def test_the_statistics_copy_has_landed_once_the_next_step_may_run():
         host, event = s.mirror.in_flight[-1] if s.mirror.in_flight else (s.mirror.latest, None)
         assert event is None or event.query()
         assert torch.equal(host, s.trainer.stats.cpu())
+
+
+def test_the_side_stream_is_drawn_from_a_pool_no_engine_stream_shares():
+    """PyTorch hands streams out round-robin per priority: SGLang's are all at priority 0, ESamp's
+    side stream at SIDE_STREAM_PRIORITY, so no number of SGLang streams can alias it."""
+    from sgl_esamp.training import SIDE_STREAM_PRIORITY
+
+    s = sampler(head_weight(1024, 256))
+    engine_streams = {torch.cuda.Stream().cuda_stream for _ in range(64)}  # the whole priority-0 pool, twice over
+    assert s.trainer.stream.priority == SIDE_STREAM_PRIORITY < 0
+    assert s.trainer.stream.cuda_stream not in engine_streams | {torch.cuda.current_stream().cuda_stream}
