@@ -34,7 +34,7 @@ def plan(config: ESampConfig, server_args: Any, hidden_size: int, vocab_size: in
     chunk = server_args.chunked_prefill_size
     prefill = chunk if chunk and chunk > 0 else DEFAULT_PREFILL_TOKENS
     # a step's pair rows: every running request's decode row, and the prompt pairs its groups may learn
-    rows = running + min(prefill, config.num_slots * config.prefill_pairs)
+    rows = running + min(prefill, config.num_slots * config.max_prefill_pairs)
     state = state_bytes(config, hidden_size)
     workspace = workspace_bytes(config, hidden_size, vocab_size, rows=rows, sampled=running)
     return {"reserved_bytes": state + workspace, "state_bytes": state, "workspace_bytes": workspace,

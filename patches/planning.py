@@ -136,6 +136,12 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
         plan = VariantPlan(variant, engine)
         groups = [request_esamp(reqs[i]).group or reqs[i].rid for i in rows]
         slots = engine.assign_slots([(group, reqs[i].rid) for group, i in zip(groups, rows)])
+        # train_rows "first": a group's decode pairs train from its first member in the step only
+        present: dict[str, list[str]] = {}
+        for group, i, slot in zip(groups, rows, slots):
+            if slot is not None:
+                present.setdefault(group, []).append(reqs[i].rid)
+        first_of = {group: engine.groups.first_member(group, rids) for group, rids in present.items()}
         # prompt pairs each slot may still learn in this step: one group prefilling several
         # prompts at once learns at most the server's budget, so a step's memory is bounded
         step_budget: dict[int, int] = {}
@@ -148,7 +154,7 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
                     members.count(req.rid, "fallback_tokens")
                 continue
             members.group[req.rid] = (variant.name, group)
-            budget = config.prefill_pairs if params.prefill_pairs is None else params.prefill_pairs
+            budget = config.prefill_pairs_for(variant) if params.prefill_pairs is None else params.prefill_pairs
             if prompt:  # the Distiller this step trains: the slot's next generation if it is fresh
                 distiller = (variant.name, group, slot, engine.generations[slot] + (slot in engine.fresh_slots))
                 if not members.learns_prompt(distiller, req):
@@ -158,13 +164,18 @@ def plan_step(batch: Any, config: ESampConfig, members: Members,
                 # a prefill learns the prompt's last `budget` tokens, wherever its chunks fall
                 first = starts[i] + max(0, req.seqlen - budget - prefixes[i])
                 learnt = range(min(first, end), end)
-                left = step_budget.setdefault(slot, config.prefill_pairs)
+                left = step_budget.setdefault(slot, config.prefill_pairs_for(variant))
                 learnt = learnt[len(learnt) - min(len(learnt), left):]
                 step_budget[slot] = left - len(learnt)
-            else:
+            elif (config.train_rows_for(variant) if params.train_rows is None else params.train_rows) == "all" \
+                    or first_of[group] == req.rid:
                 learnt = range(starts[i], end)
+            else:  # another member of the group trains its Distiller this step; this row is fused only
+                learnt = range(end, end)
             plan.pairs += [PairRow(row, slot, True) for row in learnt]
             beta = config.beta if params.beta is None else params.beta
+            if prompt and not variant.fuses_first_token:
+                beta = 0.0  # drawn by SGLang's sampler, as plainly as a β = 0 row
             if sampled and beta > 0:
                 if not learnt:  # the last token is predicted to draw, not learnt
                     plan.pairs.append(PairRow(end - 1, slot, False))

@@ -1,13 +1,13 @@
 """Per-request ESamp settings, carried in SGLang's `custom_params`.
 
     {"custom_params": {"sampling": "esamp" | "plain", "beta": 0.7, "variant": "reference" | "latent",
-                       "group_id": "...", "prefill_pairs": 256}}
+                       "group_id": "...", "prefill_pairs": 256, "train_rows": "first" | "all"}}
 
 On a server started with `--sampler esamp`, every sampled (temperature > 0) request
 uses ESamp unless it says `"sampling": "plain"`; `beta` and `variant` override the
 server's (each variant has its own bank of Distillers, so requests of different
 variants never share one, whatever their group id); `prefill_pairs` overrides how many of
-the prompt's pairs the group learns. Rows sharing a `group_id` share one Distiller; requests
+the prompt's pairs the group learns, `train_rows` which of its decode rows train. Rows sharing a `group_id` share one Distiller; requests
 without one get a fresh id here, before `n > 1` expansion, so the n samples of one request
 form one group. A group id is a capability: whoever knows it joins that group and trains its
 Distiller, so on a server started with `--esamp-client-groups off` client ids are ignored and
@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from sgl_esamp import ESampConfig, check_beta, check_prefill_pairs, check_variant
+from sgl_esamp import ESampConfig, check_beta, check_prefill_pairs, check_train_rows, check_variant
 
 SAMPLING_KEY, BETA_KEY, VARIANT_KEY, GROUP_KEY = "sampling", "beta", "variant", "group_id"
-PREFILL_PAIRS_KEY = "prefill_pairs"
+PREFILL_PAIRS_KEY, TRAIN_ROWS_KEY = "prefill_pairs", "train_rows"
 # SGLang's router (sglang-router, `--policy manual`) sends requests with the same key to the
 # same server: ESamp clients put their group id here (patches/routing.py)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
@@ -39,6 +39,7 @@ class RequestESamp:
     variant: Optional[str]  # None: the server's variant
     group: Optional[str]
     prefill_pairs: Optional[int]  # None: the server's
+    train_rows: Optional[str]  # None: the server's
 
 
 def validate(custom_params: Optional[dict], server_is_esamp: bool, server: Optional[ESampConfig] = None) -> None:
@@ -62,15 +63,20 @@ def validate(custom_params: Optional[dict], server_is_esamp: bool, server: Optio
     if PREFILL_PAIRS_KEY in params:
         field = f"custom_params.{PREFILL_PAIRS_KEY}"
         pairs = check_prefill_pairs(params[PREFILL_PAIRS_KEY], field=field)
-        if server is not None and pairs > server.prefill_pairs:
-            raise ValueError(f"{field}={pairs!r} is invalid: allowed an integer in [0, {server.prefill_pairs}] "
-                             f"(the server's --esamp-prefill-pairs)")
+        if server is not None:
+            most = server.prefill_pairs_for(check_variant(params.get(VARIANT_KEY, server.variant)))
+            if pairs > most:
+                raise ValueError(f"{field}={pairs!r} is invalid: allowed an integer in [0, {most}] "
+                                 f"(the server's --esamp-prefill-pairs for this variant)")
+    if TRAIN_ROWS_KEY in params:
+        check_train_rows(params[TRAIN_ROWS_KEY], field=f"custom_params.{TRAIN_ROWS_KEY}")
     group = params.get(GROUP_KEY)
     if group is not None and (not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_ID_LEN):
         raise ValueError(
             f"custom_params.{GROUP_KEY}={group!r} is invalid: allowed a string of 1 to {MAX_GROUP_ID_LEN} characters"
         )
-    if not server_is_esamp and (sampling == "esamp" or params.keys() & {BETA_KEY, VARIANT_KEY, PREFILL_PAIRS_KEY}):
+    if not server_is_esamp and (sampling == "esamp" or params.keys() & {BETA_KEY, VARIANT_KEY, PREFILL_PAIRS_KEY,
+                                                                       TRAIN_ROWS_KEY}):
         raise ValueError(f"custom_params.{SAMPLING_KEY}='esamp' needs an ESamp server: {START_HINT}")
 
 
@@ -89,4 +95,4 @@ def resolve(custom_params: Optional[dict], sampled: bool) -> RequestESamp:
     enabled = sampled and params.get(SAMPLING_KEY, "esamp") == "esamp"
     beta = params.get(BETA_KEY)
     return RequestESamp(enabled, None if beta is None else float(beta), params.get(VARIANT_KEY), params.get(GROUP_KEY),
-                        params.get(PREFILL_PAIRS_KEY))
+                        params.get(PREFILL_PAIRS_KEY), params.get(TRAIN_ROWS_KEY))

@@ -174,6 +174,9 @@ class ESampBackend(Sampler):
         ESAMP_KERNELS=triton asked for the kernels by name: then the failure stops the server."""
         start = time.perf_counter()
         self.model_runner = model_runner
+        if getattr(model_runner.model.lm_head, "bias", None) is not None:  # Llama and Qwen2 heads have none
+            raise ValueError("--sampler esamp does not support a model whose LM head has a bias: ESamp's fusion "
+                             "computes d = W_head[c]·ŷ, with no bias term")
         requested = KernelPath.requested(model_runner.model.lm_head.weight.device)
         try:
             self._build(requested)

@@ -47,9 +47,13 @@ OPTIONS = {
     "--esamp-init": ("init", str, "Distiller initialisation: auto (the variant's own), normal, zero or svd (default auto)"),
     "--esamp-max-candidates": ("max_candidates", int, "most-probable tokens fused per row, 0 = all kept (default 256)"),
     "--esamp-prefill-pairs": ("prefill_pairs", int, "most prompt pairs a group learns from a prefill, last tokens first; "
-                                                    "0 = decode steps only (default 256)"),
+                                                    "0 = decode steps only (default: the variant's own, reference 0 "
+                                                    "as the authors, latent 256)"),
     "--esamp-client-groups": ("client_groups", _on_off, "on: requests may name their group (custom_params.group_id, "
                                                         "frontend forks); off: ignore client ids (default on)"),
+    "--esamp-train-rows": ("train_rows", str, "decode rows that train a group's Distiller: first (its first live "
+                                              "member's, as the authors), all, or auto (the variant's own: "
+                                              "reference first, latent all) (default auto)"),
     "--esamp-variants": ("variants", str, "variants the server builds a bank for and serves: auto (the server's "
                                           "--esamp-variant only), all, or the server's variant (default auto)"),
 }

@@ -7,7 +7,7 @@ the SGLang glue lives in the `patches` package.
 
 from .bank import GroupBank
 from .candidates import Candidates, filter_candidates, filter_probs
-from .config import ESampConfig, ESampConfigError, check_beta, check_prefill_pairs, check_variant
+from .config import ESampConfig, ESampConfigError, check_beta, check_prefill_pairs, check_train_rows, check_variant
 from .distiller import DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import fuse_candidates_torch, fused_draw_torch
 from .layout import PairRow, SampledRow, StepLayout
@@ -47,6 +47,7 @@ __all__ = [
     "VocabShard",
     "check_beta",
     "check_prefill_pairs",
+    "check_train_rows",
     "check_variant",
     "filter_candidates",
     "filter_probs",

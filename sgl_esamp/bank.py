@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
+from typing import Hashable, Iterable, Optional
 
 
 EVICTED_MEMORY = 4096  # evicted group keys remembered
@@ -28,7 +28,8 @@ STALE_STEPS = 64  # steps without a row after which a group with members may be 
 @dataclass
 class GroupState:
     slot: int
-    members: set = field(default_factory=set)
+    members: dict = field(default_factory=dict)  # running member -> the order it joined in
+    joined: int = 0  # members that ever joined
     last_step: int = -1
     evictions: int = 0  # times the group lost its slot (and its trained Distiller) before
 
@@ -70,7 +71,9 @@ class GroupBank:
             state = self.groups[group] = GroupState(slot, evictions=self.evicted.pop(group, 0))
             self.stats.groups_allocated += 1
             self.fresh_slots.append(slot)
-        state.members.add(member)
+        if member not in state.members:
+            state.members[member] = state.joined
+            state.joined += 1
         state.last_step = self.step
         self.groups.move_to_end(group)
         return state.slot
@@ -102,8 +105,14 @@ class GroupBank:
         state = self.groups.get(group)
         if state is None:
             return False
-        state.members.discard(member)
+        state.members.pop(member, None)
         return not state.members
+
+    def first_member(self, group: Hashable, present: Iterable[Hashable]) -> Optional[Hashable]:
+        """Of `present` members of `group`, the one that joined it first (None: none is a member)."""
+        state = self.groups.get(group)
+        order = {} if state is None else state.members
+        return min((m for m in present if m in order), key=order.__getitem__, default=None)
 
     def evictions(self, group: Hashable) -> int:
         state = self.groups.get(group)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 
-from .variants import VARIANTS, Variant
+from .variants import TRAIN_ROWS, VARIANTS, Variant
 
 BETA_RANGE = (0.0, 10.0)
 RANK_RANGE = (1, 1024)
@@ -47,6 +47,14 @@ def check_variant(value: Any, field: str = "variant") -> Variant:
     return VARIANTS[value]
 
 
+def check_train_rows(value: Any, field: str = "train_rows", allow_auto: bool = False) -> str:
+    """Validate which rows train; shared by the config and per-request overrides."""
+    allowed = ("auto", *TRAIN_ROWS) if allow_auto else TRAIN_ROWS
+    if value not in allowed:
+        raise ESampConfigError(field, value, f"one of {', '.join(allowed)}")
+    return value
+
+
 def check_prefill_pairs(value: Any, field: str = "prefill_pairs") -> int:
     """Validate a prompt-learning budget; shared by the config and per-request overrides."""
     return _check_int(field, value, *PREFILL_PAIRS_RANGE)
@@ -83,11 +91,15 @@ class ESampConfig:
                      bounding the W_head gather; 0 means no bound (the whole kept set).
     seed:            seed of the Distiller's initial weights (shared by all slots).
     prefill_pairs:   the most prompt pairs a group learns from one prefill, its last tokens
-                     first; 0 learns from decode steps only (as the authors' code does). It
-                     bounds the memory a prefill's learning step takes, whatever the prompt.
+                     first; 0 learns from decode steps only (as the authors' code does); None:
+                     the variant's own (reference 0, latent 256). It bounds the memory a
+                     prefill's learning step takes, whatever the prompt.
     client_groups:   whether requests may name their group (`custom_params.group_id`, and
                      the frontend's forks); off: only the n samples of one request share a
                      Distiller (for servers shared by clients that do not trust each other).
+    train_rows:      the decode rows that train a group's Distiller in a step: "first" (the
+                     group's first live member's, as the authors' code), "all" (every
+                     member's), or "auto" (the variant's own: variants.py); every row is fused.
     variants:        the variants a server builds a bank for and serves: "auto" (its own
                      `variant` only), "all", or one variant's name; a request may ask only
                      for one of them (each bank takes memory, and its hidden states a capture).
@@ -103,8 +115,9 @@ class ESampConfig:
     state_dtype: str = "float32"
     max_candidates: int = 256
     seed: int = 0
-    prefill_pairs: int = 256
+    prefill_pairs: Optional[int] = None
     client_groups: bool = True
+    train_rows: str = "auto"
     variants: str = "auto"
 
     def __post_init__(self) -> None:
@@ -122,9 +135,11 @@ class ESampConfig:
             raise ESampConfigError("state_dtype", self.state_dtype, f"one of {', '.join(STATE_DTYPES)}")
         _check_int("max_candidates", self.max_candidates, *MAX_CANDIDATES_RANGE)
         _check_int("seed", self.seed, 0, 2**63 - 1)
-        check_prefill_pairs(self.prefill_pairs)
+        if self.prefill_pairs is not None:
+            check_prefill_pairs(self.prefill_pairs)
         if not isinstance(self.client_groups, bool):
             raise ESampConfigError("client_groups", self.client_groups, "true or false")
+        check_train_rows(self.train_rows, allow_auto=True)
         if self.variants not in ("auto", "all", *VARIANTS):
             raise ESampConfigError("variants", self.variants, f"one of auto, all, {', '.join(VARIANTS)}")
         if self.variants in VARIANTS and self.variants != self.variant:
@@ -141,6 +156,19 @@ class ESampConfig:
     def init_for(self, variant: Variant) -> str:
         """The Distiller initialisation a group of `variant` starts from."""
         return variant.init if self.init == "auto" else self.init
+
+    def prefill_pairs_for(self, variant: Variant) -> int:
+        """The most prompt pairs a group of `variant` learns from one prefill."""
+        return variant.prefill_pairs if self.prefill_pairs is None else self.prefill_pairs
+
+    @property
+    def max_prefill_pairs(self) -> int:
+        """The most prompt pairs any served variant's group learns from one prefill (the memory plan's)."""
+        return max(self.prefill_pairs_for(variant) for variant in self.served)
+
+    def train_rows_for(self, variant: Variant) -> str:
+        """The decode rows that train a group of `variant` ("first" or "all")."""
+        return variant.train_rows if self.train_rows == "auto" else self.train_rows
 
     @property
     def torch_state_dtype(self) -> torch.dtype:

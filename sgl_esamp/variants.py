@@ -42,12 +42,23 @@ class Variant:
     init: str  # the Distiller initialisation used when the config says init="auto"
     weight_decay: float  # decoupled (AdamW) weight decay of the online optimizer
     d_over_temperature: bool  # True: d is divided by T together with z; False: only z is
+    train_rows: str  # the decode rows that train a group's Distiller when the config says "auto" (TRAIN_ROWS)
+    prefill_pairs: int  # the prompt pairs a group learns from a prefill when the config does not say
+    fuses_first_token: bool  # the token drawn at the end of a prefill is fused (else drawn plainly)
 
 
-REFERENCE = Variant("reference", FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED,
-                    init="normal", weight_decay=0.01, d_over_temperature=False)
-LATENT = Variant("latent", SOURCE_BLOCK_OUTPUT, FINAL_NORMED,
-                 init="zero", weight_decay=0.0, d_over_temperature=True)
+# Which decode rows train a group's Distiller in a step: "first", only the group's first live
+# member's (the one that joined it first; the next takes over when it finishes), as the authors'
+# code trains one row per prompt; or "all", every member's. Every member is fused either way.
+TRAIN_ROWS = ("first", "all")
+
+# The authors' code learns from decode steps only and guides decode steps only: the token drawn
+# from a prompt's prefill is drawn plainly, its Distiller never having seen the prompt.
+REFERENCE = Variant("reference", FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, init="normal",
+                    weight_decay=0.01, d_over_temperature=False, train_rows="first", prefill_pairs=0,
+                    fuses_first_token=False)
+LATENT = Variant("latent", SOURCE_BLOCK_OUTPUT, FINAL_NORMED, init="zero", weight_decay=0.0,
+                 d_over_temperature=True, train_rows="all", prefill_pairs=256, fuses_first_token=True)
 VARIANTS: dict[str, Variant] = {v.name: v for v in (REFERENCE, LATENT)}
 
 

@@ -155,3 +155,10 @@ def test_the_same_sampling_seed_draws_the_same_tokens_esamp_rows_included(runtim
     first, again, other = run(100), run(100), run(200)
     assert torch.equal(first, again)
     assert not torch.equal(first[:, :4], other[:, :4])  # the ESamp rows follow the seed too
+
+
+def test_a_model_whose_lm_head_has_a_bias_is_refused_at_start_up(runtime):
+    biased = harness.Model.random(HIDDEN, VOCAB, LAYERS)
+    biased.model.lm_head.bias = torch.zeros(VOCAB)
+    with pytest.raises(ValueError, match="LM head has a bias"):
+        harness.Harness(biased)

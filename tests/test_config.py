@@ -40,7 +40,12 @@ def test_bad_field_is_rejected_with_field_value_and_range(field, value, allowed)
 def test_defaults_are_valid_and_documented_values():
     cfg = ESampConfig()
     assert (cfg.rank, cfg.lr, cfg.state_dtype, cfg.init) == (64, 1e-3, "float32", "auto")
-    assert (cfg.prefill_pairs, cfg.client_groups) == (256, True)
+    assert (cfg.prefill_pairs_for(LATENT), cfg.client_groups) == (256, True)
+    # the authors' recipe: decode steps only, one training row per group and step, the first token plain
+    assert (cfg.prefill_pairs_for(REFERENCE), cfg.train_rows_for(REFERENCE), REFERENCE.fuses_first_token) == (0, "first", False)
+    assert (cfg.train_rows_for(LATENT), LATENT.fuses_first_token) == ("all", True)
+    assert ESampConfig(prefill_pairs=8, train_rows="all").prefill_pairs_for(REFERENCE) == 8
+    assert ESampConfig(train_rows="all").train_rows_for(REFERENCE) == "all"
     assert cfg.init_for(REFERENCE) == "normal" and cfg.init_for(LATENT) == "zero"
     assert ESampConfig(init="svd").init_for(REFERENCE) == "svd"
     assert set(ESampConfig.field_names()) >= {"beta", "source_layer", "rank", "lr", "num_slots", "init"}

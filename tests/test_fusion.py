@@ -134,3 +134,18 @@ def test_exploration_moves_mass_away_from_what_the_distiller_predicts():
     fused = fuse_candidates_torch(cand, logits.gather(1, cand.token_ids), pred, head, torch.ones(1), torch.ones(1)).weights
     probs = torch.zeros(vocab).scatter(0, cand.token_ids[0], fused[0] / fused[0].sum())
     assert probs[2] < probs[3] / 10
+
+
+def test_min_p_on_probabilities_is_the_authors_rule_on_logits():
+    """Their code keeps z/T - max(z/T) >= log(min_p) (with the argmax) after top-k/top-p; SGLang's
+    rule, ours, keeps p >= min_p · max p: the same set."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=gen) * 3
+    temperatures = torch.rand(64, generator=gen) + 0.5
+    min_ps = torch.rand(64, generator=gen) * 0.3
+    ones, no_top_k = torch.ones(64), torch.full((64,), 500)
+    kept = filter_candidates(logits, temperatures, no_top_k, ones, min_ps)
+    ours = torch.zeros(64, 500, dtype=torch.bool).scatter_(1, kept.token_ids, kept.weights > 0)
+    scaled = logits / temperatures.view(-1, 1)
+    theirs = scaled - scaled.amax(-1, keepdim=True) >= min_ps.log().view(-1, 1)
+    assert torch.equal(ours, theirs)

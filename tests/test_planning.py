@@ -81,3 +81,65 @@ def test_a_distiller_learns_each_prompt_once_and_a_group_that_lost_its_slot_lear
     assert engine.groups.slot_of("comeback") is None
     again = prompt_request(prompt, group_id="comeback")
     assert len(prefill(backend, members, [again])["comeback"]) == 40  # a fresh Distiller learns it again
+
+
+def decode_plan(backend, members, reqs):
+    """Plan one decode step of `reqs` and lay it out (as the backend does); returns the plan."""
+    batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, _esamp_reqs=list(reqs))
+    (plan,) = plan_step(batch, backend.config, members, backend.engine)
+    plan.engine.layout(plan.pairs, plan.sampled)
+    return plan
+
+
+@pytest.mark.parametrize("train_rows", ["first", "all"])
+def test_train_rows_first_trains_one_pair_per_group_and_step_and_fuses_every_row(backend, train_rows):
+    members = Members()
+    group = [harness.request(custom_params={"group_id": f"four-{train_rows}", "train_rows": train_rows})
+             for _ in range(4)]
+    other = harness.request(custom_params={"group_id": f"other-{train_rows}", "train_rows": train_rows})
+    plan = decode_plan(backend, members, group + [other])
+    learnt = [pair.source for pair in plan.pairs if pair.learn]
+    assert learnt == ([0, 4] if train_rows == "first" else [0, 1, 2, 3, 4])  # the first member of each group
+    assert [row.batch_row for row in plan.sampled] == [0, 1, 2, 3, 4]  # every row is fused
+
+
+@pytest.mark.parametrize("how", ["finished", "aborted"])
+def test_with_train_rows_first_the_next_member_takes_over_when_the_first_leaves(backend, how):
+    members = Members()
+    group = [harness.request(custom_params={"group_id": f"handover-{how}", "train_rows": "first"}) for _ in range(3)]
+    plan = decode_plan(backend, members, group)
+    assert [pair.source for pair in plan.pairs if pair.learn] == [0]
+    first = group.pop(0)
+    first.done = True
+    backend.finish(first.rid, 1 if how == "finished" else None)  # SGLang's finish, or an abort's
+    for _ in range(2):  # the second member trains from now on, whatever the batch order
+        plan = decode_plan(backend, members, group[::-1])
+        assert [plan.pairs[row].source for row in range(len(plan.pairs)) if plan.pairs[row].learn] == [1]
+        assert len(plan.sampled) == 2
+
+
+@pytest.mark.parametrize("train_rows,pairs_per_step", [("first", 1), ("all", 4)])
+def test_train_pairs_counts_the_pairs_that_trained_and_every_row_is_drawn_by_esamp(runtime, train_rows,
+                                                                                      pairs_per_step):
+    h = harness.Harness(runtime)
+    group = [harness.request(custom_params={"group_id": f"counted-{train_rows}", "train_rows": train_rows})
+             for _ in range(4)]
+    for _ in range(3):
+        h.decode(group)
+    infos = [h.backend.finish(r.rid) for r in group]
+    assert all(i["train_pairs"] == 3 * pairs_per_step and i["train_steps"] == 3 for i in infos)
+    assert all(i["esamp_tokens"] == 3 for i in infos) and infos[0]["signal"]["rows"] == 12  # all 4 rows fused
+
+
+def test_the_reference_variant_learns_no_prompt_and_draws_the_prefills_token_plainly(backend):
+    """As the authors' code: decode steps only, and the token a prefill draws is not fused."""
+    members = Members()
+    ref = prompt_request(range(40), group_id="ref-prompt", variant="reference")
+    lat = prompt_request(range(100, 140), group_id="lat-prompt", variant="latent")
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, _esamp_reqs=[ref, lat],
+                            extend_prefix_lens_cpu=[0, 0], extend_seq_lens_cpu=[40, 40])
+    plans = {plan.variant.name: plan for plan in plan_step(batch, backend.config, members, backend.engine)}
+    assert set(plans) == {"latent"}  # nothing of the reference request's prefill reaches ESamp
+    assert sum(pair.learn for pair in plans["latent"].pairs) == 40 and len(plans["latent"].sampled) == 1
+    decode = decode_plan(backend, members, [ref])
+    assert decode.variant.name == "reference" and len(decode.sampled) == 1  # its decode steps are fused
