@@ -74,7 +74,7 @@ def main() -> None:
     z_top, z_top_p = logits.gather(1, top.token_ids), logits.gather(1, top_p.token_ids)
     sampler.fuse(step(), top, z_top, temps)  # the groups' first step resets their slots
     later = step()  # a later step's layout (no slot fresh): the same for every timed step
-    prediction = sampler.distillers.predict(shallow, later.layout)
+    prediction = sampler.distillers.forward(shallow, later.layout).rows(later.layout)
     arms = {
         "stock filter+draw": lambda: torch.multinomial(filter_probs(probs, top_ks, top_ps, min_ps, 0).weights, 1),
         "esamp fuse, all 256 kept": lambda: sampler.fuse(later, top, z_top, temps),

@@ -59,7 +59,7 @@ def run(model, tok, prompt: str, layer: int, beta: float, n: int, steps: int, te
         y = out.hidden_states[-1][:, -1].float()
         z = out.logits[:, -1].float()
         step = ESampStep.tapped(esamp.decode_layout(esamp.assign_slots(rows), [beta] * n), x, y)
-        pred = esamp.distillers.predict(step.shallow, step.layout)[torch.argsort(step.layout.sources)]
+        pred = esamp.distillers.forward(step.shallow, step.layout).rows(step.layout)[torch.argsort(step.layout.sources)]
         cand = filter_candidates(z, temps, torch.full((n,), 1 << 30), torch.full((n,), top_p), torch.full((n,), min_p), cfg.max_candidates)
         fused = esamp.fuse(step, cand, z.gather(1, cand.token_ids), temps)  # also queues the train step
         kept = cand.weights > 0

@@ -158,7 +158,8 @@ class Harness:
                                last=last, logits=(last.to(head.dtype) @ head.T).float() * 4)
 
     def decode(self, requests: Sequence[Request], hidden: Optional[SimpleNamespace] = None, *,
-               return_logprob: bool = False, sampling_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
+               return_logprob: bool = False, sampling_seed: Optional[torch.Tensor] = None,
+               input_ids_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, Any]:
         """One decode step of `requests` through the backend, exactly as ModelRunner.sample calls
         it (one row per request); returns the drawn ids and SGLang's LogitsProcessorOutput."""
         from sglang.srt.layers.logits_processor import LogitsProcessorOutput
@@ -167,14 +168,14 @@ class Harness:
         n = len(requests)
         hidden = hidden or self.hidden(n, seed=self.steps)
         self.steps += 1
-        forward_batch = SimpleNamespace(forward_mode=ForwardMode.DECODE, _esamp_reqs=list(requests),
-                                        input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
-                                        is_prefill_only=False)
         info = sampling_info(requests, self.model.vocab_size, self.device, sampling_seed)
+        forward_batch = ForwardBatch(ForwardMode.DECODE, torch.zeros(n, dtype=input_ids_dtype, device=self.device),
+                                     info)
         output = LogitsProcessorOutput(next_token_logits=hidden.logits.clone(), hidden_states=hidden.aux,
                                        last_hidden_states=hidden.last)
         positions = torch.tensor([r.seqlen for r in requests], device=self.device)
-        with self.backend.bound(self.model.runner, forward_batch):
+        self.backend.remember(ScheduleBatch(list(requests), ForwardMode.DECODE), forward_batch)  # ForwardBatch.init_new
+        with self.backend.stepping(self.model.runner, output, forward_batch):  # ModelRunner.sample
             tokens = self.backend(output, info, return_logprob, [0] * n, [None] * n, positions)
         for r in requests:
             r.seqlen += 1
@@ -194,20 +195,42 @@ class Harness:
         hidden = self.hidden(sum(lengths), seed=seed)
         last_rows = torch.tensor(list(itertools.accumulate(lengths)), device=self.device) - 1
         info = sampling_info(requests, self.model.vocab_size, self.device)
-        forward_batch = SimpleNamespace(
-            forward_mode=ForwardMode.EXTEND, _esamp_reqs=list(requests), extend_seq_lens_cpu=lengths,
-            extend_prefix_lens_cpu=[0] * len(requests), sampling_info=info,
-            input_ids=torch.tensor([t for r in requests for t in r.origin_input_ids], device=self.device),
+        forward_batch = ForwardBatch(
+            ForwardMode.EXTEND, torch.tensor([t for r in requests for t in r.origin_input_ids], device=self.device),
+            info, extend_seq_lens_cpu=lengths, extend_prefix_lens_cpu=[0] * len(requests),
             is_prefill_only=all(r.sampling_params.max_new_tokens == 0 for r in requests))
         output = LogitsProcessorOutput(next_token_logits=hidden.logits.index_select(0, last_rows),
                                        hidden_states=hidden.aux, last_hidden_states=hidden.last)
-        if forward_batch.is_prefill_only:
-            self.backend.learn_prefill_only(self.model.runner, output, forward_batch)
-            return None
+        self.backend.remember(ScheduleBatch(list(requests), ForwardMode.EXTEND), forward_batch)
+        if forward_batch.is_prefill_only:  # not sampled: learnt in the forward's hook
+            with self.backend.stepping(self.model.runner, output, forward_batch):
+                return None
         n = len(requests)
         positions = torch.tensor(lengths, device=self.device) - 1
-        with self.backend.bound(self.model.runner, forward_batch):
+        with self.backend.stepping(self.model.runner, output, forward_batch):
             return self.backend(output, info, False, [0] * n, [None] * n, positions)
+
+
+@dataclass
+class ScheduleBatch:
+    """What the backend reads of SGLang's ScheduleBatch when it builds a forward batch."""
+
+    reqs: list
+    forward_mode: Any
+    decoding_reqs: tuple = ()
+    return_hidden_states_mode: int = 0  # CaptureHiddenMode.NULL
+
+
+@dataclass(eq=False)
+class ForwardBatch:
+    """What the backend reads of SGLang's ForwardBatch (a weakly referenced key, as SGLang's is)."""
+
+    forward_mode: Any
+    input_ids: torch.Tensor
+    sampling_info: Any
+    extend_seq_lens_cpu: Optional[list] = None
+    extend_prefix_lens_cpu: Optional[list] = None
+    is_prefill_only: bool = False
 
 
 def _renorm(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import metrics, request_params
-from .planning import request_esamp
+from .batch import reads_nothing
 from .sampler_backend import ESampBackend
 from .server_args import BACKEND, client_hidden_states_mode, esamp_config
 
@@ -37,47 +37,38 @@ def _warm_up(result, model_runner, *args, **kwargs):
 
 
 def _bind_batch(original, model_runner, logits_output, forward_batch, *args, **kwargs):
+    """SGLang samples a batch: the backend binds its step for the call (SGLang passes none)."""
     sampler = model_runner.sampler
     if not isinstance(sampler, ESampBackend):
         return original(model_runner, logits_output, forward_batch, *args, **kwargs)
-    with sampler.bound(model_runner, forward_batch):
-        result = original(model_runner, logits_output, forward_batch, *args, **kwargs)
-    _client_hidden_states(logits_output, forward_batch)
-    return result
+    with sampler.stepping(model_runner, logits_output, forward_batch):
+        return original(model_runner, logits_output, forward_batch, *args, **kwargs)
 
 
 def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
+    """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that cache a
+    prompt before its samples start): their groups learn the prompt from its step all the same."""
     sampler = getattr(model_runner, "sampler", None)
     if isinstance(sampler, ESampBackend) and forward_batch.is_prefill_only:
-        sampler.learn_prefill_only(model_runner, output.logits_output, forward_batch)
-        _client_hidden_states(output.logits_output, forward_batch)
+        with sampler.stepping(model_runner, output.logits_output, forward_batch):
+            pass
     return output
 
 
-def _client_hidden_states(logits_output, forward_batch) -> None:
-    """A client that asked for hidden states (where the operator allows it) gets what a stock server
-    returns, the final states, not the layers ESamp captured for itself: once ESamp has read them."""
-    if getattr(forward_batch, "_esamp_client_hidden", False) and logits_output.last_hidden_states is not None:
-        logits_output.hidden_states = logits_output.last_hidden_states
-
-
-def _bind_reqs(original, cls, batch, model_runner, *args, **kwargs):
-    """ForwardBatch carries rids only; ESamp needs each row's request (params, finish state), and
-    which of them decode inside an extend batch (--enable-mixed-chunk, attention DP's conversion).
-    A prefill ESamp reads nothing of (no ESamp request, no client asking for hidden states) skips
-    the hidden-state capture an ESamp server otherwise runs on every forward."""
+def _remember_batch(original, cls, batch, model_runner, *args, **kwargs):
+    """SGLang builds a forward batch: the backend keeps its requests' rows as plain records
+    (ForwardBatch carries rids only). A prefill ESamp reads nothing of (no ESamp request, no
+    client asking for hidden states) skips the hidden-state capture an ESamp server otherwise
+    runs on every forward."""
     sampler = _sampler()
     reqs = getattr(batch, "reqs", None)
-    if sampler is not None and reqs is not None and kwargs.get("capture_hidden_mode") is None:
-        if (batch.forward_mode.is_extend() and batch.return_hidden_states_mode == CaptureHiddenMode.NULL
-                and not model_runner.is_draft_worker and not any(request_esamp(req).enabled for req in reqs)):
-            kwargs["capture_hidden_mode"] = CaptureHiddenMode.NULL
-            sampler.capture_skipped_batches += 1
+    if sampler is None or reqs is None or model_runner.is_draft_worker:
+        return original(cls, batch, model_runner, *args, **kwargs)
+    if kwargs.get("capture_hidden_mode") is None and reads_nothing(batch):
+        kwargs["capture_hidden_mode"] = CaptureHiddenMode.NULL
+        sampler.capture_skipped_batches += 1
     forward_batch = original(cls, batch, model_runner, *args, **kwargs)
-    if sampler is not None and reqs is not None:
-        forward_batch._esamp_client_hidden = batch.return_hidden_states_mode != CaptureHiddenMode.NULL
-        forward_batch._esamp_reqs = list(reqs)
-        forward_batch._esamp_decoding = {req.rid for req in getattr(batch, "decoding_reqs", None) or ()}
+    sampler.remember(batch, forward_batch)
     return forward_batch
 
 
@@ -153,7 +144,7 @@ HOOKS = [
     ("sglang.srt.model_executor.model_runner.ModelRunner.prewarm_sampling", _warm_up, HookType.AFTER),
     ("sglang.srt.model_executor.model_runner.ModelRunner.sample", _bind_batch, HookType.AROUND),
     ("sglang.srt.model_executor.model_runner.ModelRunner.forward", _learn_prefill_only, HookType.AFTER),
-    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _bind_reqs, HookType.AROUND),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", _remember_batch, HookType.AROUND),
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _verify, HookType.AFTER),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info", _unwrap_meta, HookType.AFTER),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", _client_hidden_states_allowed,

@@ -1,22 +1,25 @@
 """The `esamp` sampling backend: ESamp rows through sgl_esamp, every other row stock.
 
-SGLang builds the sampler before the model is loaded and calls it without the batch, so an
-AROUND hook on `ModelRunner.sample` binds (model runner, forward batch) for the call
-(lifecycle.py), and each variant's ESamp state is built from the loaded model when the
-scheduler warms its sampling path up (`warm_up`), before the first request.
+SGLang builds the sampler before the model is loaded and calls it without the batch. So the
+backend is wired to SGLang by hooks (lifecycle.py): each variant's state is built from the
+loaded model when the scheduler warms its sampling path up (`warm_up`), before the first
+request; when SGLang builds a forward batch, its requests become plain row records
+(`remember`, batch.py: the one place that reads SGLang's batch); when SGLang samples it, the
+hook binds the step (`stepping`) and SGLang's own Sampler methods, overridden below, only read it.
 
-A step, top to bottom (`forward`), one `BackendStep` object through SGLang's own sampler:
+A step, top to bottom:
 
-  plan     which rows each variant takes, in which slots (host, planning.py);
-  capture  each variant's taps of its pair rows, laid out by slot (taps.py), and, once
-           SGLang has preprocessed the logits, the sampled rows' logits before its in-place
-           temperature and softmax (`_preprocess_logits`);
+  plan     which rows each variant's Distillers predict, learn and draw, in which slots
+           (`_begin`: sgl_esamp/plan.py, from the records alone);
+  capture  each variant's taps of its pair rows, laid out by slot (taps.py); what no row
+           draws is learnt at once; then, once SGLang has preprocessed the logits, the sampled
+           rows' logits before its in-place temperature and softmax (`_preprocess_logits`);
   draw     inside SGLang's draw (`_sample_from_probs`): on the pytorch backend (the CPU, and
            deterministic inference) every row in one draw exactly as SGLang's torch sampler
            makes it, ESamp rows' kept weights fused (`_draw_jointly`); on flashinfer, the
            whole batch by flashinfer as a stock server draws it, then the ESamp rows by the
-           fused keep-fuse-draw kernel (`_draw_fused`); either way the step's training is
-           queued behind the draw.
+           fused keep-fuse-draw kernel (`_draw_fused`); either way each variant's training is
+           queued behind its draw (sgl_esamp/sampler.py reads the same step top to bottom).
 
 Tensor parallel: every TP rank runs the same step on the same (replicated) hidden states
 and full logits; only d = W_head[c] · ŷ and the embedding rows need the vocabulary-sharded
@@ -32,10 +35,11 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from sglang.srt.layers import sampler as sglang_sampler
@@ -46,12 +50,12 @@ from sgl_esamp import (Candidates, ESampConfig, ESampSampler, ESampStep, Filters
                        filter_probs)
 from sgl_esamp.kernels import compiled_specializations
 from sgl_esamp.memory import state_bytes
+from sgl_esamp.plan import Books, RowRecord, VariantPlan, plan_step
 from sgl_esamp.ops import KERNELS_ENV, KernelPath
 from sgl_esamp.rehearsal import PROMPT_ROWS, rehearse
 from sgl_esamp.training import SIDE_STREAM_PRIORITY
 
-from . import memory
-from .planning import Members, VariantPlan, plan_step
+from . import batch, memory
 from .server_args import esamp_config
 from .taps import Taps
 
@@ -100,7 +104,6 @@ class BackendStep:
     """A forward step's ESamp work, from the plan to the draw."""
 
     parts: list[Part]
-    batch_rows: set[int] = field(default_factory=set)  # the batch rows ESamp draws (host)
     captured: bool = False  # the parts' logits are in
 
     def capture_logits(self, logits: torch.Tensor) -> None:
@@ -123,9 +126,9 @@ class ESampBackend(Sampler):
         self.kernels = KernelPath("torch", False, "not warmed up")  # chosen at warm-up
         self.taps: Optional[Taps] = None
         self.model_runner: Any = None
-        self.forward_batch: Any = None
-        self.step: Optional[BackendStep] = None  # the step being sampled
-        self.members = Members()
+        self.inputs: dict[int, batch.StepInput] = {}  # id of a live forward batch -> its row records
+        self.step: Optional[BackendStep] = None  # the step being sampled, bound by `stepping`
+        self.books = Books()
         self.dp_rank = getattr(get_parallel(), "dp_rank", None) or 0  # the replica, with --dp-size > 1
         self.token_id_sync = TokenIdSync()  # under TP
         self.capture_skipped_batches = 0  # prefills that skipped the hidden-state capture (lifecycle.py)
@@ -133,11 +136,6 @@ class ESampBackend(Sampler):
         ESampBackend.instances.append(self)
 
     # -- wiring ----------------------------------------------------------------------------
-    def engine(self, variant: Variant) -> ESampSampler:
-        engine = self.engines.get(variant.name)
-        if engine is None:
-            engine = self.engines[variant.name] = self._sampler(variant, self.config, self.kernels.name)
-        return engine
 
     def _sampler(self, variant: Variant, config: ESampConfig, kernels: str, scratch: bool = False) -> ESampSampler:
         """An ESampSampler of `variant` for the loaded model: the server's engines, or the warm-up's
@@ -203,7 +201,7 @@ class ESampBackend(Sampler):
         taps = {path: self._taps(path) for path in {kernels.name, "torch"}}
         scratch = dataclasses.replace(self.config, num_slots=2, init="normal")  # the real banks stay untouched
         for variant in self.config.served:
-            self.engine(variant)
+            self.engines[variant.name] = self._sampler(variant, self.config, kernels.name)
             rehearse(lambda path: self._sampler(variant, scratch, path, scratch=True),
                      lambda path: (lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources)),
                      kernels.name, self.model_runner.model_config.vocab_size)
@@ -216,22 +214,6 @@ class ESampBackend(Sampler):
         randn = lambda width: torch.randn(rows, width, device=embedding.device, generator=gen).to(embedding.dtype)  # noqa: E731
         return SimpleNamespace(hidden_states=randn(self.taps.width), last_hidden_states=randn(self.taps.hidden_size),
                                input_ids=torch.randint(vocab, (rows,), device=embedding.device, generator=gen))
-
-    @contextlib.contextmanager
-    def bound(self, model_runner: Any, forward_batch: Any) -> Iterator[None]:
-        """The batch being sampled or learnt, for the duration of one call (SGLang passes none)."""
-        self.model_runner, self.forward_batch = model_runner, forward_batch
-        try:
-            yield
-        finally:
-            self.forward_batch = None
-
-    # -- a step ---------------------------------------------------------------------------------
-    def learn_prefill_only(self, model_runner: Any, logits_output: Any, forward_batch: Any) -> None:
-        """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that
-        cache a prompt before its samples start): their groups learn the prompt here."""
-        with self.bound(model_runner, forward_batch):
-            self._begin_step(logits_output, forward_batch.sampling_info)
 
     def _check_streams(self) -> None:
         """Once, on CUDA: each engine's side stream is none of SGLang's (the one sampling now, the
@@ -247,43 +229,54 @@ class ESampBackend(Sampler):
                 engine.trainer.stream = torch.cuda.Stream(stream.device, priority=SIDE_STREAM_PRIORITY)
                 logger.warning("ESamp %s: the training side stream was one of SGLang's; replaced", name)
 
-    def _begin_step(self, logits_output: Any, sampling_info: Any) -> Optional[BackendStep]:
-        """Plan and capture the step; learn at once what is not drawn. None: ESamp draws no row."""
+    # -- a step, top to bottom -----------------------------------------------------------------
+    def remember(self, schedule_batch: Any, forward_batch: Any) -> None:
+        """SGLang built a forward batch: its requests' rows, as plain records, until it is sampled."""
+        key = id(forward_batch)  # SGLang's ForwardBatch is not hashable; forgotten when it is collected
+        self.inputs[key] = batch.step_input(schedule_batch, forward_batch)
+        weakref.finalize(forward_batch, self.inputs.pop, key, None)
+
+    @contextlib.contextmanager
+    def stepping(self, model_runner: Any, logits_output: Any, forward_batch: Any) -> Iterator[Optional["BackendStep"]]:
+        """The step of the batch SGLang is about to sample (or to learn from: a prefill-only batch,
+        which SGLang does not sample), planned and captured here; SGLang's Sampler methods below
+        read it while it is bound. A client that asked for hidden states (where the operator allows
+        it) gets, once ESamp has read its own, the final states a stock server returns."""
+        self.model_runner = model_runner
+        given = self.inputs.pop(id(forward_batch), None) or batch.StepInput([], False)
+        self.step = self._begin(given.rows, logits_output, batch.token_ids(forward_batch), forward_batch.sampling_info)
+        try:
+            yield self.step
+        finally:
+            self.step = None
+        if given.client_hidden_states and logits_output.last_hidden_states is not None:
+            logits_output.hidden_states = logits_output.last_hidden_states
+
+    def _begin(self, rows: Sequence[RowRecord], logits_output: Any, token_ids: torch.Tensor,
+               sampling_info: Any) -> Optional["BackendStep"]:
+        """Plan and capture the step; learn at once what no row draws. None: ESamp draws no row."""
         if not self.streams_checked and torch.cuda.is_available():
             self._check_streams()
-        if sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
+        if not rows or sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
             return None
         if logits_output.hidden_states is None or logits_output.last_hidden_states is None:
             return None  # a forward without the capture (none is expected): its rows sample plainly
-        plans = plan_step(self.forward_batch, self.config, self.members, self.engine)
-        if not plans:
-            return None
         parts = []
-        for plan in plans:
-            step = self._capture(plan, logits_output)
+        for plan in plan_step(rows, self.config, self.books, self.engines):
+            step = self._capture(plan, logits_output, token_ids)
             if plan.sampled:
                 parts.append(Part(plan.engine, step))
             else:
                 plan.engine.learn(step)
-        if not parts:
-            return None
-        return BackendStep(parts, {row.batch_row for plan in plans for row in plan.sampled})
+        return BackendStep(parts) if parts else None
 
-    def _capture(self, plan: VariantPlan, logits_output: Any) -> ESampStep:
+    def _capture(self, plan: VariantPlan, logits_output: Any, token_ids: torch.Tensor) -> ESampStep:
         """One variant's pair rows laid out by slot, and their taps."""
         layout = plan.engine.layout(plan.pairs, plan.sampled)
-        shallow, deep = self.taps.states(plan.variant, logits_output, self.forward_batch.input_ids, layout.sources)
+        shallow, deep = self.taps.states(plan.variant, logits_output, token_ids, layout.sources)
         return ESampStep(layout, shallow, deep)
 
     # -- SGLang's Sampler interface -----------------------------------------------------------
-    def forward(self, logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions, **kwargs):
-        args = (logits_output, sampling_info, return_logprob, top_logprobs_nums, token_ids_logprobs, positions)
-        self.step = None if sampling_info.is_all_greedy else self._begin_step(logits_output, sampling_info)
-        try:
-            return super().forward(*args, **kwargs)  # reaches _preprocess_logits, then _sample_from_probs
-        finally:
-            self.step = None
-
     def _preprocess_logits(self, logits: torch.Tensor, sampling_info: Any) -> torch.Tensor:
         logits = super()._preprocess_logits(logits, sampling_info)
         if self.step is not None and not self.step.captured:  # the first call: the next-token logits
@@ -324,14 +317,13 @@ class ESampBackend(Sampler):
         their fused weights, and the same torch.multinomial (or seeded) call draws all rows: plain rows
         get the very tokens, random stream included, of a server without ESamp.
         """
-        cap, filters = self.config.max_candidates, filters_of(sampling_info)
+        filters = filters_of(sampling_info)
         if simple:  # SGLang draws over vocabulary order here
             model_probs = []
             for part in step.parts:
                 rows = part.rows
-                _, top_ks, top_ps, min_ps = filters.rows(rows)
                 model_probs.append(probs.index_select(0, rows))
-                kept = filter_probs(model_probs[-1], top_ks, top_ps, min_ps, cap)
+                kept = part.engine.keep(model_probs[-1], filters.rows(rows))
                 fused = self._fuse(part, kept, filters)
                 probs.index_copy_(0, rows, torch.zeros_like(model_probs[-1]).scatter_(
                     1, fused.token_ids, fused.weights.to(probs.dtype)))
@@ -342,12 +334,12 @@ class ESampBackend(Sampler):
         vocab, max_top_k, seed = probs.shape[1], sampling_info.max_top_k, sampling_info.sampling_seed
         width = max_top_k if (max_top_k is not None and max_top_k < vocab and seed is None) else 0
         kept = filter_probs(probs, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps, width)
-        # ESamp fuses at most `max_candidates` ranks: only those columns are read and written,
-        # the rest of an ESamp row is zeroed in place (no copies of whole [rows, V] matrices).
-        width = cap if 0 < cap < kept.weights.shape[1] else kept.weights.shape[1]
-        head, tail = kept.weights[:, :width], kept.weights[:, width:]
         for part in step.parts:
-            ours = Candidates(head.index_select(0, part.rows), kept.token_ids[:, :width].index_select(0, part.rows))
+            # an engine fuses at most its cap of ranks: only those columns are read and written, the
+            # rest of an ESamp row is zeroed in place (no copies of whole [rows, V] matrices)
+            fused = part.engine.fused_width(kept.weights.shape[1])
+            head, tail = kept.weights[:, :fused], kept.weights[:, fused:]
+            ours = Candidates(head.index_select(0, part.rows), kept.token_ids[:, :fused].index_select(0, part.rows))
             head.index_copy_(0, part.rows, self._fuse(part, ours, filters).weights)
             tail.index_fill_(0, part.rows, 0.0)
         if seed is None:
@@ -374,7 +366,7 @@ class ESampBackend(Sampler):
     def finish(self, rid: str, output_tokens: Optional[int] = None) -> Optional[dict]:
         """A request ended (finished or aborted): its stats; its group is retained if it was the last
         member. output_tokens: the tokens SGLang kept of it (the counts are trimmed to them)."""
-        member, counts = self.members.finish(rid, output_tokens)
+        member, counts = self.books.finish(rid, output_tokens)
         if member is None:
             return {"enabled": False, **counts} if counts else None
         variant, group = member
@@ -395,8 +387,8 @@ class ESampBackend(Sampler):
             "slots_used": 0,
             **totals,
             "by_variant": by_variant,
-            "active_members": len(self.members.group),
-            "fallback_tokens": self.members.fallback_tokens,
+            "active_members": len(self.books.group),
+            "fallback_tokens": self.books.fallback_tokens,
             "dp_rank": self.dp_rank,
             "tp_size": self.tp_size,
             "tp_token_mismatches": self.token_id_sync.mismatches,

@@ -156,13 +156,13 @@ def _install_fault_group(group: str) -> None:
 
     original = ESampBackend._capture
 
-    def capture(self, plan, logits_output):
-        step = original(self, plan, logits_output)
-        slot = plan.engine.groups.slot_of(group)
-        if slot is None or group not in plan.groups:
+    def capture(self, plan, logits_output, token_ids):
+        step = original(self, plan, logits_output, token_ids)
+        lease = plan.engine.groups.lease_of(group)
+        if lease is None:
             return step
         layout = step.layout
-        poisoned = (layout.distinct.index_select(0, layout.segment) == slot).unsqueeze(1)
+        poisoned = (layout.distinct.index_select(0, layout.segment) == lease.slot).unsqueeze(1)
         return step._replace(shallow=torch.where(poisoned, float("nan"), step.shallow))
 
     ESampBackend._capture = capture

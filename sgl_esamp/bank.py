@@ -10,24 +10,39 @@ the first to be reclaimed when a slot is needed. When every slot is taken, the l
 recently used retained group is evicted; a group with running members keeps its slot,
 even in steps it has no rows in, unless it has had none for STALE_STEPS steps (a request
 paused or lost); if no slot can be reclaimed, the newcomer's rows fall back to plain
-sampling for this step and the fallback is counted, never raised. A reclaimed
-slot is reported fresh, so no state passes from one group to another.
+sampling for this step and the fallback is counted, never raised.
+
+The bank is the one owner of each slot's lifecycle: it hands a group a `Lease` (its slot, the
+slot's generation, and whether the group has yet to take its first step there). A slot handed
+to a new group starts a new generation and is fresh until a step lays it out (`started`), so
+its first step reads the initial weights and no state passes from one group to another;
+(slot, generation) names one Distiller, which is what planning and the statistics read.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Optional
+from typing import Hashable, Iterable, NamedTuple, Optional
 
 
 EVICTED_MEMORY = 4096  # evicted group keys remembered
 STALE_STEPS = 64  # steps without a row after which a group with members may be evicted
 
 
+class Lease(NamedTuple):
+    """A group's hold on a slot."""
+
+    slot: int
+    generation: int  # the slot's handovers to a new group so far, this one's included
+    fresh: bool  # the group has not stepped there yet: its first step starts from the initial weights
+
+
 @dataclass
 class GroupState:
     slot: int
+    generation: int
+    fresh: bool = True
     members: dict = field(default_factory=dict)  # running member -> the order it joined in
     joined: int = 0  # members that ever joined
     last_step: int = -1
@@ -51,37 +66,50 @@ class GroupBank:
         self.num_slots = num_slots
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.groups: OrderedDict[Hashable, GroupState] = OrderedDict()  # least recent first
+        self.holders: dict[int, Hashable] = {}  # slot -> the group holding it
+        self.generations = [0] * num_slots
         self.step = 0
         self.stats = BankStats()
-        self.fresh_slots: list[int] = []  # handed out since the last take_fresh_slots()
         self.evicted: OrderedDict[Hashable, int] = OrderedDict()  # evicted group -> times, bounded
 
     # -- per decode step ----------------------------------------------------------------
     def begin_step(self) -> None:
         self.step += 1
 
-    def slot_for(self, group: Hashable, member: Hashable) -> Optional[int]:
-        """The slot of `group` for a row of `member` in the current step, or None (fallback)."""
+    def lease(self, group: Hashable, member: Hashable) -> Optional[Lease]:
+        """`group`'s lease for a row of `member` in the current step, or None (plain-sampling fallback)."""
         state = self.groups.get(group)
         if state is None:
             slot = self._take_slot()
             if slot is None:
                 self.stats.fallback_rows += 1
                 return None
-            state = self.groups[group] = GroupState(slot, evictions=self.evicted.pop(group, 0))
+            self.generations[slot] += 1
+            state = self.groups[group] = GroupState(slot, self.generations[slot], evictions=self.evicted.pop(group, 0))
+            self.holders[slot] = group
             self.stats.groups_allocated += 1
-            self.fresh_slots.append(slot)
         if member not in state.members:
             state.members[member] = state.joined
             state.joined += 1
         state.last_step = self.step
         self.groups.move_to_end(group)
-        return state.slot
+        return Lease(state.slot, state.generation, state.fresh)
 
-    def take_fresh_slots(self) -> list[int]:
-        """Slots (re)assigned since the last call: the caller must reset their weights."""
-        fresh, self.fresh_slots = self.fresh_slots, []
-        return fresh
+    def lease_of(self, group: Hashable) -> Optional[Lease]:
+        """`group`'s current lease, if it holds a slot (reading it changes nothing)."""
+        state = self.groups.get(group)
+        return None if state is None else Lease(state.slot, state.generation, state.fresh)
+
+    def fresh(self, slots: Iterable[int]) -> set[int]:
+        """Those of `slots` whose group has not stepped there yet."""
+        return {slot for slot in slots if slot in self.holders and self.groups[self.holders[slot]].fresh}
+
+    def started(self, slots: Iterable[int]) -> None:
+        """A step laid these slots out: their groups' Distillers have started (no longer fresh)."""
+        for slot in slots:
+            group = self.holders.get(slot)
+            if group is not None:
+                self.groups[group].fresh = False
 
     def _take_slot(self) -> Optional[int]:
         if self.free_slots:
@@ -91,6 +119,9 @@ class GroupBank:
         stale = [(key, state) for key, state in self.groups.items() if state.last_step <= self.step - STALE_STEPS]
         for key, state in retained or stale:
             del self.groups[key]
+            del self.holders[state.slot]
+            if state.fresh:  # it never stepped: its generation never reached the device's statistics
+                self.generations[state.slot] -= 1
             self.stats.groups_evicted += 1
             # remembered so that the group, if it comes back, can tell its client it restarted
             self.evicted[key] = state.evictions + 1
@@ -117,10 +148,6 @@ class GroupBank:
     def evictions(self, group: Hashable) -> int:
         state = self.groups.get(group)
         return 0 if state is None else state.evictions
-
-    def slot_of(self, group: Hashable) -> Optional[int]:
-        state = self.groups.get(group)
-        return None if state is None else state.slot
 
     def occupancy(self) -> dict:
         retained = sum(1 for state in self.groups.values() if not state.members)

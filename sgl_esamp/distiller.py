@@ -54,14 +54,9 @@ class BlockForward(NamedTuple):
     normed: torch.Tensor  # [D, W, H] LN(u) before gain and bias
     prediction: torch.Tensor  # [D, W, H] ŷ
 
-    def rows(self, layout: StepLayout, pairs: torch.Tensor) -> torch.Tensor:
-        """ŷ [len(pairs), H] of the given pair rows."""
-        return self.prediction[layout.segment[pairs], layout.position[pairs]]
-
-    @property
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Every tensor it holds (params are views of flat)."""
-        return (self.flat, *self[2:])
+    def rows(self, layout: StepLayout) -> torch.Tensor:
+        """ŷ [M, H] of the step's pair rows, in layout order."""
+        return self.prediction[layout.segment, layout.position]
 
 
 @dataclass
@@ -189,10 +184,6 @@ class DistillerBank:
         return {name: part.view(flat.shape[0], *shape)
                 for (name, shape), part in zip(self.shapes.items(), flat.split(sizes, dim=1))}
 
-    def slot_params(self, slot: int) -> dict[str, torch.Tensor]:
-        """One slot's parameters (views), for inspection and tests."""
-        return {k: p[slot] for k, p in self.params.items()}
-
     def gather(self, layout: StepLayout) -> torch.Tensor:
         """The flat parameters [D, P] the step's segments use: their slot's, or the initial
         weights for a slot (re)assigned this step."""
@@ -207,10 +198,6 @@ class DistillerBank:
     def forward(self, x: torch.Tensor, layout: StepLayout) -> BlockForward:
         """Every pair row x [M, H] through its segment's Distiller."""
         return self.forward_blocks(self.blocks(x, layout), self.gather(layout))
-
-    def predict(self, x: torch.Tensor, layout: StepLayout) -> torch.Tensor:
-        """ŷ [M, H] of every pair row (tests and inspection; a step keeps the whole forward)."""
-        return self.forward(x, layout).rows(layout, torch.arange(layout.num_rows, device=x.device))
 
     def forward_blocks(self, x: torch.Tensor, flat: torch.Tensor) -> BlockForward:
         """The Distiller over blocks of rows x [D, W, H], segment d with the parameters flat[d]."""

@@ -82,12 +82,12 @@ class StepOps:
     """One variant's steps on one device: its LM head, fusion rule and randomness, each part on
     the path decided at construction."""
 
-    def __init__(self, path: str, lm_head_weight: torch.Tensor, *, d_over_temperature: bool, max_candidates: int,
+    def __init__(self, path: str, lm_head_weight: torch.Tensor, *, d_over_temperature: bool, draw_width: int,
                  seed: int, vocab_shard: Optional[VocabShard] = None, state_dtype: torch.dtype = torch.float32,
                  label: str = "esamp"):
         """lm_head_weight: [V, H], or this rank's rows of a head sharded as `vocab_shard` says;
-        d_over_temperature: the variant's fusion rule (fusion.py); max_candidates: the config's
-        (the draw's K); seed: of the draw's randomness."""
+        d_over_temperature: the variant's fusion rule (fusion.py); draw_width: the candidates per
+        row the draw looks at (its K: ESampSampler.fused_width); seed: of the draw's randomness."""
         self.lm_head_weight = lm_head_weight
         self.vocab_shard = vocab_shard
         self.tap_rows = tap_rows_for(path)  # the gathers of an engine's taps on this path
@@ -96,8 +96,6 @@ class StepOps:
         self.seed = seed
         self.generator: Optional[torch.Generator] = None  # the torch draw's, made at its first draw
         self.philox = torch.tensor([seed, 0], dtype=torch.int64, device=device)  # the kernel's [seed, offset]
-        vocab = lm_head_weight.shape[0]
-        draw_k = max_candidates if 0 < max_candidates < vocab else vocab
         self.distiller = path if state_dtype == torch.float32 else "torch"
         self.draw_path = self.fuse_path = self.distiller
         reasons = []
@@ -106,9 +104,9 @@ class StepOps:
         elif path == "triton" and vocab_shard is not None:
             self.draw_path = self.fuse_path = "torch"
             reasons.append("the draw and the fusion on torch (a vocabulary-sharded head: d needs a sum over the ranks)")
-        elif path == "triton" and draw_k > MAX_DRAW_K:
+        elif path == "triton" and draw_width > MAX_DRAW_K:
             self.draw_path = "torch"
-            reasons.append(f"the draw on torch ({draw_k} candidates, the kernel holds at most {MAX_DRAW_K})")
+            reasons.append(f"the draw on torch ({draw_width} candidates, the kernel holds at most {MAX_DRAW_K})")
         for reason in reasons:
             logger.info("ESamp %s on the %s path: %s", label, path, reason)
 
@@ -128,7 +126,7 @@ class StepOps:
             rows = forward_rows(bank, layout, step.shallow)
             return Forward(rows.prediction, rows)
         blocks = bank.forward(step.shallow, layout)
-        return Forward(blocks.rows(layout, torch.arange(layout.num_rows, device=layout.sources.device)), blocks)
+        return Forward(blocks.rows(layout), blocks)
 
     def draw(self, inputs: DrawInputs, forward: Forward, step: ESampStep,
              out: Optional[torch.Tensor] = None) -> DrawResult:

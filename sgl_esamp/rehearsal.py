@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from .candidates import filter_probs
 from .layout import PairRow, SampledRow, StepLayout
 from .sampler import ESampSampler
 from .step import ESampStep, Filters
@@ -68,8 +67,7 @@ def script(sampler: ESampSampler, tap: Tap, vocab: int, seed: int = 0) -> dict[s
     prompt = sampler.layout([PairRow(i, slot, True) for i in range(PROMPT_ROWS)], [SampledRow(0, PROMPT_ROWS - 1, 0.5)])
     sampler.learn(ESampStep(prompt, *tap(prompt)))
     step, logits, filters = decode([("first", 0), ("first", 1), ("second", 0)], beta=0.8)
-    kept = filter_probs(torch.softmax(logits / filters.temperatures, dim=-1), filters.top_ks, filters.top_ps,
-                        filters.min_ps, sampler.config.max_candidates)
+    kept = sampler.keep(torch.softmax(logits / filters.temperatures, dim=-1), filters)
     fused = sampler.fuse(step, kept, logits.gather(1, kept.token_ids), filters.temperatures.view(-1))
     sampler.trainer.wait()
     if device.type == "cuda":

@@ -27,7 +27,7 @@ import torch
 
 from . import stats as S
 from .bank import GroupBank
-from .candidates import Candidates, most_probable
+from .candidates import Candidates, filter_probs, most_probable
 from .config import ESampConfig
 from .distiller import DistillerInit, DistillerBank, normal_init, svd_init, zero_delta_init
 from .fusion import usable_or_plain
@@ -84,7 +84,8 @@ class ESampSampler:
         self.variant = variant or VARIANTS[config.variant]
         device = lm_head_weight.device
         self.ops = StepOps(kernels or KernelPath.requested(device).name, lm_head_weight,
-                           d_over_temperature=self.variant.d_over_temperature, max_candidates=config.max_candidates,
+                           d_over_temperature=self.variant.d_over_temperature,
+                           draw_width=self.fused_width(lm_head_weight.shape[0]),
                            seed=config.seed, vocab_shard=vocab_shard, state_dtype=config.torch_state_dtype,
                            label=f"{self.variant.name} variant")
         init = initial_weights(config, self.variant, lm_head_weight.shape[1], target_norm_weight, last_mlp)
@@ -92,25 +93,21 @@ class ESampSampler:
             self.distillers = DistillerBank(init, config.num_slots, device, config.torch_state_dtype)
             self.trainer = DistillerTrainer(self.distillers, config.lr, self.variant.weight_decay, side_stream)
         self.mirror = HostMirror(self.trainer.stats)
-        self.groups = GroupBank(config.num_slots)
-        self.fresh_slots: set[int] = set()  # assigned to a new group, not yet reset by a step
-        self.generations = [0] * config.num_slots  # host's count of each slot's fresh starts (stats GENERATION)
+        self.groups = GroupBank(config.num_slots)  # the slots' leases (bank.py)
 
     # -- host side: slots and the layout ------------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
-        """Slots for (group, member) rows of this step; None means plain-sampling fallback. A
-        slot handed to a new group starts from fresh weights at its first step."""
+        """A step's slots for (group, member) rows, leased from the bank; None: plain-sampling
+        fallback (plan.py leases them itself; tests and benchmarks use this)."""
         self.groups.begin_step()
-        slots = [self.groups.slot_for(group, member) for group, member in rows]
-        self.fresh_slots.update(self.groups.take_fresh_slots())
-        return slots
+        leases = [self.groups.lease(group, member) for group, member in rows]
+        return [None if lease is None else lease.slot for lease in leases]
 
     def layout(self, pairs: Sequence[PairRow], sampled: Sequence[SampledRow] = ()) -> StepLayout:
-        """The step's rows laid out by slot, on the device in one copy (slots from assign_slots)."""
-        fresh = self.fresh_slots & {pair.slot for pair in pairs}
-        for slot in fresh:
-            self.generations[slot] += 1
-        self.fresh_slots -= fresh
+        """The step's rows laid out by slot, on the device in one copy; a slot whose group has not
+        stepped yet starts there from the initial weights, and has started once laid out."""
+        fresh = self.groups.fresh({pair.slot for pair in pairs})
+        self.groups.started(fresh)
         return StepLayout.build(pairs, sampled, fresh, self.distillers.device)
 
     def decode_layout(self, slots: Sequence[int], betas: Sequence[float]) -> StepLayout:
@@ -121,6 +118,18 @@ class ESampSampler:
     def release(self, group: Hashable, member: Hashable) -> None:
         """A member left; the group's trained slot is kept for its later members until reclaimed."""
         self.groups.leave(group, member)
+
+    # -- the candidates fusion looks at ---------------------------------------------------
+    def fused_width(self, ranks: int) -> int:
+        """How many of a row's `ranks` most probable candidates fusion looks at: the config's
+        `max_candidates` cap (0: all), which bounds the LM-head gather. The one place it is applied."""
+        cap = self.config.max_candidates
+        return cap if 0 < cap < ranks else ranks
+
+    def keep(self, probs: torch.Tensor, filters: Filters) -> Candidates:
+        """SGLang's kept set of probability rows [n, V] (`filters` of the same rows), at most
+        `fused_width(V)` most probable ranks (a top-k, not a full sort, when capped)."""
+        return filter_probs(probs, filters.top_ks, filters.top_ps, filters.min_ps, self.fused_width(probs.shape[1]))
 
     # -- device side: one step -----------------------------------------------------------
     @torch.no_grad()
@@ -133,7 +142,7 @@ class ESampSampler:
         logits before temperature; filters: the batch's; out [B]: the batch's token ids,
         whose sampled rows are overwritten."""
         layout = step.layout
-        probs_sorted, token_ids = most_probable(probs.index_select(0, layout.batch_rows), self.config.max_candidates)
+        probs_sorted, token_ids = most_probable(probs.index_select(0, layout.batch_rows), self.fused_width(probs.shape[1]))
         self.trainer.wait()  # the last training step has read its inputs and written the bank
         forward = self.ops.forward(self.distillers, step)
         drawn = self.ops.draw(DrawInputs(probs_sorted, token_ids, logits, filters.canonical()), forward, step, out=out)
@@ -146,10 +155,9 @@ class ESampSampler:
         `max_candidates` ranks), for an engine that draws them itself. candidates [n, K] and z
         (the logits at the candidates, before temperature) are in sampled-row order; rows whose
         fused weights are unusable keep their plain weights."""
-        cap = self.config.max_candidates
-        if 0 < cap < candidates.weights.shape[1]:
-            candidates = Candidates(candidates.weights[:, :cap], candidates.token_ids[:, :cap])
-            z = z[:, :cap]
+        width = self.fused_width(candidates.weights.shape[1])
+        candidates = Candidates(candidates.weights[:, :width], candidates.token_ids[:, :width])
+        z = z[:, :width]
         layout = step.layout
         self.trainer.wait()
         forward = self.ops.forward(self.distillers, step)
@@ -180,12 +188,12 @@ class ESampSampler:
     # -- observability -----------------------------------------------------------------------
     def group_stats(self, group: Hashable) -> Optional[dict]:
         """Training statistics of a group's slot, as far as they have reached the host (never waits)."""
-        slot = self.groups.slot_of(group)
-        if slot is None:
+        lease = self.groups.lease_of(group)
+        if lease is None:
             return None
-        stats = self.mirror.read()
+        slot, stats = lease.slot, self.mirror.read()
         row = [0.0] * len(S.COLUMNS)
-        if stats is not None and slot not in self.fresh_slots and int(stats[slot, S.GENERATION]) == self.generations[slot]:
+        if stats is not None and not lease.fresh and int(stats[slot, S.GENERATION]) == lease.generation:
             row = stats[slot].tolist()  # else the slot's statistics still predate the group's first step
         steps = int(row[S.STEPS])
         return {

@@ -18,6 +18,16 @@ def make_trainer(num_slots, dtype=torch.float64, lr=1e-2, seed=0):
     return DistillerTrainer(DistillerBank(init, num_slots, "cpu", dtype), lr)
 
 
+def predict(bank, x, layout):
+    """ŷ [M, H] of every pair row of x [M, H] (the forward a step keeps, its prediction alone)."""
+    return bank.forward(x, layout).rows(layout)
+
+
+def slot_params(bank, slot):
+    """One slot's parameters, by name (views)."""
+    return {name: p[slot] for name, p in bank.params.items()}
+
+
 def learn_layout(slots, learn=None, fresh=()):
     """Every row a pair row in its slot (learnt unless `learn` says otherwise), none sampled."""
     learn = [True] * len(slots) if learn is None else learn
@@ -64,9 +74,9 @@ def test_forward_is_the_documented_formula():
     x = torch.randn(5, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     slots = [2, 0, 2, 1, 0]
     layout = learn_layout(slots)
-    out = bank.predict(x[layout.sources], layout)
+    out = predict(bank, x[layout.sources], layout)
     for j, i in enumerate(layout.sources.tolist()):
-        p = bank.slot_params(slots[i])
+        p = slot_params(bank, slots[i])
         delta = ((x[i] @ p["A"]) * F.silu(x[i] @ p["G"] + p["b"])) @ p["B"]
         torch.testing.assert_close(out[j], F.layer_norm(x[i] + delta, (H,)) * p["gain"] + p["bias"])
 
@@ -76,10 +86,10 @@ def test_a_fresh_slot_is_predicted_from_the_initial_weights():
     randomize(bank, 2)  # slot 1 holds another group's trained weights
     x = torch.randn(3, H, dtype=torch.float64)
     fresh, stale = learn_layout([1, 1, 1], fresh=[1]), learn_layout([1, 1, 1])
-    expected = DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 1, "cpu", torch.float64).predict(
-        x, learn_layout([0, 0, 0]))
-    torch.testing.assert_close(bank.predict(x, fresh), expected, rtol=0, atol=0)
-    assert not torch.allclose(bank.predict(x, stale), expected)
+    expected = predict(DistillerBank(zero_delta_init(H, R, dtype=torch.float64), 1, "cpu", torch.float64), x,
+                       learn_layout([0, 0, 0]))
+    torch.testing.assert_close(predict(bank, x, fresh), expected, rtol=0, atol=0)
+    assert not torch.allclose(predict(bank, x, stale), expected)
 
 
 def test_the_written_out_backward_is_autograds_gradient_of_the_documented_loss():
@@ -118,8 +128,8 @@ def test_one_batched_step_over_k_groups_equals_k_independent_steps():
         for g, (xg, yg) in enumerate(batch):
             train(singles[g], xg, yg, [0] * len(xg))
     for g in range(k):
-        for name, value in singles[g].bank.slot_params(0).items():
-            torch.testing.assert_close(batched.bank.slot_params(g)[name], value, rtol=1e-10, atol=1e-12)
+        for name, value in slot_params(singles[g].bank, 0).items():
+            torch.testing.assert_close(slot_params(batched.bank, g)[name], value, rtol=1e-10, atol=1e-12)
         assert batched.stats[g, S.STEPS] == singles[g].stats[0, S.STEPS] == steps
         torch.testing.assert_close(batched.stats[g, S.LAST_LOSS], singles[g].stats[0, S.LAST_LOSS])
 
@@ -173,13 +183,13 @@ def test_loss_falls_on_a_repeated_stream_and_prediction_changes():
     x = torch.randn(6, H, generator=gen)
     y = torch.tanh(x @ torch.randn(H, H, generator=gen))  # a fixed, learnable mapping
     layout = learn_layout([0] * 6)
-    before = trainer.bank.predict(x, layout).clone()
+    before = predict(trainer.bank, x, layout).clone()
     losses = []
     for _ in range(60):
         train(trainer, x, y, [0] * 6)
         losses.append(trainer.stats[0, S.LAST_LOSS].item())
     assert losses[-1] < 0.5 * losses[0]
-    assert not torch.allclose(trainer.bank.predict(x, layout), before)
+    assert not torch.allclose(predict(trainer.bank, x, layout), before)
 
 
 def unfiltered(n):
@@ -230,7 +240,7 @@ def test_svd_init_reproduces_an_mlp_that_is_exactly_rank_r():
     x = torch.randn(3, H, generator=gen).double()
     mlp = (F.silu(x @ gate.double().T) * (x @ up.double().T)) @ down.double().T
     bank = DistillerBank(init, 1, "cpu", torch.float64)
-    torch.testing.assert_close(bank.predict(x, learn_layout([0, 0, 0])), F.layer_norm(x + mlp, (H,)),
+    torch.testing.assert_close(predict(bank, x, learn_layout([0, 0, 0])), F.layer_norm(x + mlp, (H,)),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         svd_init(gate, up, down, inter + 1)

@@ -90,12 +90,13 @@ def check_frontier_smoke(out):
                 assert row["esamp"]["train_steps"] > 0 and "signal_mean_kl" in row["esamp"]
     esamp = [nm for nm, m in pts.items() if m.is_esamp]
     assert set(res["reasoning_points"]) == {nm for nm, m in pts.items() if frontier.runs_on(m, "reasoning")}
-    for base in frontier.BASELINES:
+    for base in ("temperature", "min_p"):  # the quick sweep's curves (FIRE: --sweep authors)
         assert set(res["matched"]["open-ended"][base]) == set(esamp)
         for nm in esamp:
             c = res["matched"]["open-ended"][base][nm]["vendi"]["curve"]
             assert 0 <= c["outside"] <= 1 and (c["mean"] is None) == (c.get("note") == "outside the curve")
-    assert set(res["matched_reasoning"]) == set(esamp)
+    assert set(res["matched_reasoning"]) == {"temperature"} and set(res["matched_reasoning"]["temperature"]) == set(esamp)
+    assert {"curves", "shared − per-branch", "fusion alone"} <= set(res["multiplicity"])
     labels = " ".join(res["paired"])
     assert "shared − per-branch" in labels and "no prompt pairs" in labels and "fusion alone" in labels
     assert res["power"]["rows"] and all(r["items_needed"] >= 2 or r["items_needed"] == -1 for r in res["power"]["rows"])
@@ -229,17 +230,22 @@ class _FakeSGLang(BaseHTTPRequestHandler):
         sp = body["sampling_params"]
         cp = sp.get("custom_params") or {}
         group = cp.get("group_id") or f"g{len(self.bodies)}"
+        budget = sp.get("max_new_tokens", 8)
+        # a batch of token-id prompts (FIRE's continuations, one sample each) or one text prompt
+        prompts = [f"ids {len(ids)}" for ids in body["input_ids"]] if "input_ids" in body else [body["text"][-30:]]
+        n = 1 if "input_ids" in body else sp["n"]
         outs = []
-        for i in range(sp["n"]):
-            toks = 4 + i % 3
-            meta = {"completion_tokens": toks, "finish_reason": {"type": "length"},
-                    "output_token_logprobs": [[-1.0 - 0.1 * i, 7, None]] * toks}
-            if cp.get("sampling") == "esamp":
-                meta["esamp"] = {"enabled": True, "group_id": group, "train_steps": 5, "esamp_tokens": toks,
-                                 "signal": {"rows": 5 * (i + 1), "mean_kl": 0.01 * (i + 1)}}
-            outs.append({"text": f"sample {i} of {body['text'][-30:]} says Answer: {i % 10} words words",
-                         "meta_info": meta})
-        data = json.dumps(outs if sp["n"] > 1 else outs[0]).encode()
+        for prompt in prompts:
+            for i in range(n):
+                toks = min(4 + i % 3, budget)
+                meta = {"completion_tokens": toks, "finish_reason": {"type": "length" if toks == budget else "stop"},
+                        "output_token_logprobs": [[-1.0 - 0.1 * i, 7 + i, None]] * toks}
+                if cp.get("sampling") == "esamp":
+                    meta["esamp"] = {"enabled": True, "group_id": group, "train_steps": 5, "esamp_tokens": toks,
+                                     "signal": {"rows": 5 * (i + 1), "mean_kl": 0.01 * (i + 1)}}
+                outs.append({"text": f"sample {i} of {prompt} says Answer: {i % 10} words words",
+                             "output_ids": [7 + i] * toks, "meta_info": meta})
+        data = json.dumps(outs if len(outs) > 1 or "input_ids" in body else outs[0]).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -318,3 +324,195 @@ def test_pass_at_k_is_its_closed_form():
     for n, c, k in [(16, 0, 1), (16, 3, 1), (16, 3, 4), (16, 15, 16), (32, 5, 16), (32, 31, 2), (8, 8, 8)]:
         expected = 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
         assert metrics.pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12)
+
+
+def test_authors_sweep_points_carry_the_authors_filters_and_fire_its_first_token():
+    pts = frontier.points(frontier.AUTHORS_SWEEP)
+    by = {}
+    for m in pts:
+        by.setdefault(m.family, []).append(m)
+        assert {k: m.sampling_params[k] for k in ("top_p", "min_p", "top_k")} == {"top_p": 0.95, "min_p": 0.1, "top_k": 256}
+        assert frontier.runs_on(m, "reasoning") and frontier.runs_on(m, "writing")
+    assert set(by) == {"temperature", "fire", "reference", "latent"}
+    assert [m.sampling_params["temperature"] for m in by["temperature"]] == [0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+    assert all(m.custom_params == {"sampling": "plain"} and not m.first_token for m in by["temperature"])
+    # FIRE: the first token hot with top-k 40 alone, the rest at T 0.8 with the filters
+    assert [m.knob for m in by["fire"]] == [1.5, 2.0, 3.0] and [m.name for m in by["fire"]] == ["fire1.5", "fire2", "fire3"]
+    for m in by["fire"]:
+        assert m.first_token == {"temperature": m.knob, "top_k": 40, "top_p": 1.0, "min_p": 0.0}
+        assert m.sampling_params["temperature"] == 0.8 and m.custom_params == {"sampling": "plain"}
+    esamp = by["reference"] + by["latent"]
+    assert len(esamp) == 8 and all(m.sampling_params["temperature"] == 0.8 and m.is_esamp for m in esamp)
+    assert {(m.variant, m.beta, m.custom_params["train_rows"]) for m in esamp} == \
+        {(v, b, r) for v in ("reference", "latent") for b in (0.25, 0.8) for r in ("first", "all")}
+    assert len({m.name for m in pts}) == len(pts) and "ref_b0.25_first" in {m.name for m in pts}
+    # every ESamp point differs from temp0.8 by the fusion alone, and first from all by train_rows alone
+    t08 = next(m for m in by["temperature"] if m.knob == 0.8)
+    assert all(m.sampling_params == t08.sampling_params for m in esamp + by["fire"])
+    info = {m.name: {"family": m.family, "per_branch": m.per_branch, "sampling_params": m.sampling_params,
+                     "custom_params": m.custom_params} for m in pts}
+    assert sorted(frontier.train_rows_pairs(info)) == sorted(
+        (f"{s}_b{b:g}_first", f"{s}_b{b:g}_all") for s in ("ref", "lat") for b in (0.25, 0.8))
+    # the CLI: --sweep authors picks it, its lists can be replaced, the other sweep's options are refused
+    from sgl_esamp.tools.eval.__main__ import parse_args
+
+    args = parse_args(["--frontier", "--sweep", "authors", "--fire-temperatures", "2", "--train-rows", "first"])
+    sw = frontier.sweep_of(args)
+    assert sw.fire_temperatures == (2.0,) and sw.train_rows == ("first",) and sw.temperatures == frontier.AUTHORS_SWEEP.temperatures
+    assert args.writing_tokens == 128 and args.reasoning_tokens == 64 and "reasoning" in args.parts
+    assert "reasoning" not in parse_args(["--frontier", "--sweep", "authors", "--no-reasoning"]).parts
+    with pytest.raises(SystemExit):
+        frontier.sweep_of(parse_args(["--frontier", "--sweep", "authors", "--min-ps", "0.1"]))
+    with pytest.raises(SystemExit):
+        frontier.sweep_of(parse_args(["--frontier", "--fire-temperatures", "2"]))
+    assert frontier.sweep_of(parse_args(["--frontier"])) == frontier.FULL_SWEEP
+
+
+def _response(text, ids, logprobs, finish, prompt_tokens=None):
+    meta = {"completion_tokens": len(ids), "finish_reason": {"type": finish},
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, ids)]}
+    if prompt_tokens is not None:
+        meta["prompt_tokens"] = prompt_tokens
+    return {"text": text, "output_ids": ids, "meta_info": meta}
+
+
+def test_fire_sample_is_its_two_requests_as_one_sample():
+    from sgl_esamp.tools.eval import client
+
+    prompt_ids = [1, 2, 3]
+    firsts = [_response(" Once", [11], [-4.0], "length"), _response("", [0], [-2.5], "stop"),  # EOS at once
+              _response(" The", [12], [-3.0], "length")]
+    live, body = client.fire_continuation_body(prompt_ids, firsts, 8, {"temperature": 0.8, "top_p": 0.95, "min_p": 0.1},
+                                               {"sampling": "plain"})
+    assert live == [0, 2]  # the sample that ended at its first token is not continued
+    assert body["input_ids"] == [[1, 2, 3, 11], [1, 2, 3, 12]] and body["return_logprob"]
+    assert body["sampling_params"] == {"temperature": 0.8, "top_p": 0.95, "min_p": 0.1, "max_new_tokens": 7,
+                                       "custom_params": {"sampling": "plain"}}
+    assert client.fire_continuation_body(prompt_ids, firsts[:1], 1, {}, {}) == ([], None)  # no budget left
+    cont = _response(" upon a time", [21, 22, 23], [-0.5, -0.25, -0.25], "length")
+    s = client.fire_sample(firsts[0], cont)
+    assert s["text"] == " Once upon a time" and s["output_tokens"] == 4 and s["finish"] == "length"
+    assert s["logprob_sum"] == pytest.approx(-5.0) and s["logprob_tokens"] == 4 and s["esamp"] is None
+    assert s["fire"] == {"first_token_id": 11, "first_text": " Once", "first_logprob": -4.0, "continued": True}
+    # perplexity as for any one-request sample: over every drawn token, the first included
+    assert math.exp(-s["logprob_sum"] / s["logprob_tokens"]) == pytest.approx(math.exp(5.0 / 4))
+    decoded = client.fire_sample(firsts[0], cont, decode=lambda ids: "|".join(map(str, ids)))
+    assert decoded["text"] == "11|21|22|23"  # all drawn ids decoded together when a tokenizer is given
+    ended = client.fire_sample(firsts[1], None)
+    assert ended["text"] == "" and ended["output_tokens"] == 1 and ended["finish"] == "stop"
+    assert ended["logprob_sum"] == -2.5 and ended["logprob_tokens"] == 1 and not ended["fire"]["continued"]
+    with pytest.raises(RuntimeError):
+        client.fire_continues(_response("", [5], [-1.0], "abort"), 8)
+
+
+def test_holm_reading_on_known_p_values():
+    adj, rej = metrics.holm([0.01, 0.04, 0.03, 0.005])
+    assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02]) and rej == [True, False, False, True]
+    adj, rej = metrics.holm([0.01, float("nan"), 0.02])  # an untested comparison is not in the family
+    assert adj[0] == pytest.approx(0.02) and math.isnan(adj[1]) and adj[2] == pytest.approx(0.02) and rej == [True, False, True]
+    fam = frontier.holm_family([{"name": "a", "p": 0.06, "mean": 1.0, "items": 22},
+                                {"name": "b", "p": None, "mean": None, "items": 22},  # outside the curve
+                                {"name": "c", "p": 0.001, "mean": 1.0, "items": 22},
+                                {"name": "d", "p": 0.02, "mean": 1.0, "items": 12},
+                                {"name": "e", "p": 0.0002, "mean": 1.0, "items": 2}])  # too few items to test
+    assert fam["m"] == 3 and fam["survivors"] == 2
+    assert [r["name"] for r in fam["rows"]] == ["c", "d", "a", "b", "e"]  # by p, the untested last
+    assert [r["survives"] for r in fam["rows"]] == [True, True, False, False, False]
+    assert fam["rows"][1]["p_holm"] == pytest.approx(0.04) and fam["rows"][3]["p_holm"] is None
+    assert fam["rows"][3]["untested"] == "outside the curve" and fam["rows"][4]["untested"].startswith("2 items")
+    assert frontier.holm_reachable({"m": 76, "alpha": 0.05}, 10000) and not frontier.holm_reachable({"m": 76, "alpha": 0.05}, 1000)
+    # two-sided bootstrap p: twice the smaller tail at 0, never 0
+    assert metrics.bootstrap_p(np.arange(1, 100)) == pytest.approx(2 / 100)
+    assert metrics.bootstrap_p(np.concatenate([-np.ones(25), np.ones(75)])) == pytest.approx(2 * 26 / 101)
+    assert metrics.bootstrap_p([-1.0, 1.0, float("nan")]) == 1.0
+    d = metrics.paired_difference(np.arange(10.0) + 5, np.zeros(10))
+    assert 0 < d["p"] < 0.001 and d["low"] > 0
+    lo, hi = metrics.t_interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == pytest.approx((2 - 4.302653 / math.sqrt(3), 2 + 4.302653 / math.sqrt(3)), rel=1e-5)
+
+
+def test_distinct_n_is_compared_with_the_curves_at_the_points_perplexity():
+    rng = np.random.default_rng(1)
+    items = [f"writing/{i}" for i in range(30)]
+    per = {}
+    for c, x in (("t1", 1.0), ("t2", 2.0), ("t3", 3.0)):  # the curve: distinct = 0.2 x, cosine = 0.9 - 0.1 x
+        per[c] = {i: {"log_median_perplexity": x + rng.normal(0, 0.02), "distinct_1": 0.2 * x + rng.normal(0, 0.01),
+                      "distinct_2": 0.25 * x + rng.normal(0, 0.01), "mean_cosine": 0.9 - 0.1 * x + rng.normal(0, 0.01)}
+                  for i in items}
+    # the point at x 1.5: distinct-1 0.05 above the curve, distinct-2 on it, cosine 0.02 lower (more diverse)
+    per["esamp"] = {i: {"log_median_perplexity": 1.5 + rng.normal(0, 0.02), "distinct_1": 0.35 + rng.normal(0, 0.01),
+                        "distinct_2": 0.375 + rng.normal(0, 0.01), "mean_cosine": 0.73 + rng.normal(0, 0.01)}
+                    for i in items}
+    knobs = ["t1", "t2", "t3"]
+    d1 = frontier.matched_gap(per, knobs, "esamp", items, "distinct_1", 2000)
+    assert d1["curve"]["mean"] == pytest.approx(0.05, abs=0.01) and d1["curve"]["low"] > 0 and d1["curve"]["p"] < 0.01
+    assert d1["per_item"]["mean"] == pytest.approx(0.05, abs=0.01) and d1["per_item"]["inside"] == 30
+    d2 = frontier.matched_gap(per, knobs, "esamp", items, "distinct_2", 2000)
+    assert d2["curve"]["low"] < 0 < d2["curve"]["high"] and d2["curve"]["p"] > 0.05
+    cos = frontier.matched_gap(per, knobs, "esamp", items, "mean_cosine", 2000)  # reported in cosine
+    assert cos["curve"]["mean"] == pytest.approx(-0.02, abs=0.01) and cos["curve"]["high"] < 0
+    assert cos["curve"]["low"] <= cos["curve"]["mean"] <= cos["curve"]["high"]
+    assert "distinct_1" in frontier.DIVERSITY and {"distinct_1", "distinct_2"} <= set(frontier.PRIMARY)
+    # an analysis with the points far right of the curve: no estimate, no test
+    far = {**per, "esamp": {i: {**v, "log_median_perplexity": 9.0} for i, v in per["esamp"].items()}}
+    out = frontier.matched_gap(far, knobs, "esamp", items, "distinct_1", 200)["curve"]
+    assert out["mean"] is None and "p" not in out
+
+
+def test_frontier_fire_units_send_two_requests_and_analyse(tmp_path, tiny_model):
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    _FakeSGLang.bodies = []
+    args = argparse.Namespace(parts=["reasoning", "writing", "creative"], tasks=["chain_sum"], problems=2, prompts=1,
+                              creative_prompts=1, n=4, reasoning_n=4, writing_tokens=8, reasoning_tokens=6,
+                              problem_seed=1234, prompt_seed=0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    its = frontier.items(args, "dev", tok)
+    ms = frontier.points(frontier.AUTHORS_QUICK_SWEEP)
+    out = tmp_path / "dev"
+    try:
+        with pytest.raises(ValueError):  # FIRE needs the prompt's token ids
+            frontier.generate(url, ms, its, frontier.Checkpoint(out), rows=8, split="dev")
+        stats = frontier.generate(url, ms, its, frontier.Checkpoint(out), rows=8, split="dev", tokenizer=tok)
+    finally:
+        srv.shutdown()
+    assert not stats["failed"] and stats["units"] == len(frontier.units(ms, its))
+    lines = frontier.read_checkpoint(out)
+    fire = [x for x in lines if x["family"] == "fire"]
+    assert len(fire) == 2 * len(its) and all(x["first_token"]["top_k"] == 40 for x in fire)
+    for x in fire:
+        for o in x["outputs"]:  # the first token plus its continuation, one sample
+            assert o["output_tokens"] == o["logprob_tokens"] == 1 + min(4, x["max_new_tokens"] - 1)
+            assert o["fire"]["continued"] and o["esamp"] is None
+    firsts = [b for b in _FakeSGLang.bodies if "text" in b and b["sampling_params"].get("top_k") == 40]
+    conts = [b for b in _FakeSGLang.bodies if "input_ids" in b]
+    assert len(firsts) == len(conts) == len(fire)
+    assert all(b["sampling_params"]["max_new_tokens"] == 1 and b["sampling_params"]["top_p"] == 1.0 for b in firsts)
+    prompts = {tuple(tok(it.prompt)["input_ids"]): it for it in its}
+    for b in conts:  # the prompt's own ids plus the first token, the rest of the budget
+        assert len(b["input_ids"]) == 4 and b["sampling_params"]["min_p"] == 0.1
+        it = prompts[tuple(b["input_ids"][0][:-1])]
+        assert b["sampling_params"]["max_new_tokens"] == it.max_new_tokens - 1
+    frontier.Checkpoint(out).check(ms, its)  # a resume with the same sweep is accepted
+    f15 = next(m for m in ms if m.name == "fire1.5")
+    other = [frontier.Method("fire1.5", f15.sampling_params, f15.custom_params, "fire", 1.5,
+                             first_token={**f15.first_token, "top_k": 20})]
+    with pytest.raises(SystemExit):  # FIRE's first-token settings are part of a point's identity
+        frontier.Checkpoint(out).check(other, its)
+    res = frontier.analyze(out, tiny_model, "server", k=4, resamples=200, plot=False)
+    assert set(res["matched"]["open-ended"]) == {"temperature", "fire"}
+    esamp = {m.name for m in ms if m.is_esamp}
+    assert set(res["matched"]["open-ended"]["fire"]) == esamp
+    assert all(set(v) == set(frontier.DIVERSITY) for v in res["matched"]["open-ended"]["fire"].values())
+    assert set(res["matched_reasoning"]) == {"temperature", "fire"}
+    assert {"curves", "reasoning curves", "train_rows first − all", "fusion alone"} <= set(res["multiplicity"])
+    fam = res["multiplicity"]["curves"]
+    assert len(fam["rows"]) == len(esamp) * 2 * len(frontier.PRIMARY)
+    assert len([x for x in res["paired"] if "first − all" in x]) == 2
+    table = (out / "frontier.md").read_text()
+    assert "Multiplicity, family “curves”" in table and "FIRE (T 0.8, top-p 0.95, min-p 0.1; first token top-k 40)" in table

@@ -28,7 +28,8 @@ def trace(h, rng: random.Random):
             for _ in range(rng.randint(1, 3)):
                 size = rng.choice([1, 1, 2, 4, 8, 16, 64, 128])
                 custom = rng.choice([{}, {"variant": "reference"}, {"variant": "latent"}, {"sampling": "plain"},
-                                     {"beta": 0.0}, {"beta": 2.0}, {"variant": "reference", "prefill_pairs": 3}])
+                                     {"beta": 0.0}, {"beta": 2.0}, {"variant": "latent", "prefill_pairs": 3},
+                                     {"variant": "reference", "train_rows": "all"}, {"train_rows": "first"}])
                 group = {**custom, "group_id": f"g{step}-{len(arrivals)}"}
                 prompt = list(range(rng.randint(2, 300)))
                 members = [harness.request(custom_params=dict(group), top_p=rng.choice([0.9, 1.0]),

@@ -48,7 +48,7 @@ def test_a_training_step_of_the_kernels_is_the_torch_paths_step():
         for sampler in paths.values():
             step(sampler, rows, seed, poison)
     ours, ref = paths["triton"], paths["torch"]
-    assert ref.trainer.stats[ref.groups.slot_of("b"), S.FAULT_RESETS] == 1  # the case under test happened
+    assert ref.trainer.stats[ref.groups.lease_of("b").slot, S.FAULT_RESETS] == 1  # the case under test happened
     torch.testing.assert_close(ours.distillers.rows, ref.distillers.rows, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours.trainer.exp_avg_rows, ref.trainer.exp_avg_rows, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours.trainer.exp_avg_sq_rows, ref.trainer.exp_avg_sq_rows, rtol=1e-4, atol=1e-9)

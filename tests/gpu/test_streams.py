@@ -82,7 +82,7 @@ def test_the_step_trains_under_inference_mode():
         s = sampler(head)
         backend_step(s, EngineBuffers.random(4, head, seed=0), group_rows(4), filters(4))
     torch.cuda.synchronize()
-    assert int(s.trainer.stats[s.groups.slot_of("g0"), STEPS]) == 1
+    assert int(s.trainer.stats[s.groups.lease_of("g0").slot, STEPS]) == 1
 
 
 def test_the_statistics_copy_has_landed_once_the_next_step_may_run():
