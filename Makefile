@@ -6,7 +6,7 @@ STAMP := $(VENV)/.sgl-esamp-installed
 .PHONY: setup test demo
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh $(wildcard patches/cpu_sgl_kernel/*.toml patches/cpu_sgl_kernel/sgl_kernel/*.py)
+$(STAMP): pyproject.toml tests/support/pyproject.toml scripts/setup.sh $(wildcard scripts/cpu_sgl_kernel/*.toml scripts/cpu_sgl_kernel/sgl_kernel/*.py)
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 

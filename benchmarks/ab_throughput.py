@@ -42,7 +42,7 @@ from pathlib import Path
 
 import requests
 
-from sgl_esamp.patches.launch import launch, machine_args, server_env
+from sgl_esamp.tools.launch import launch, machine_args, server_env
 
 PROMPTS = ["Write a long story about a lighthouse.", "Explain how rain forms.", "Describe a busy market.",
            "List ideas for a birthday party.", "Tell me about the history of tea.", "Describe a city at night.",

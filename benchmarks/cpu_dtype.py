@@ -16,7 +16,7 @@ import time
 
 import requests
 
-from sgl_esamp.patches.launch import cpu_has_native_bf16, launch
+from sgl_esamp.tools.launch import cpu_has_native_bf16, launch
 from sgl_esamp.tools.default_model import materialize_smollm2
 
 

@@ -6,7 +6,7 @@
 The esamp backend is driven in-process as SGLang's ModelRunner.sample drives it (its own
 ServerArgs, SamplingBatchInfo and LogitsProcessorOutput; patches/harness.py), one decode step
 of N ESamp rows (in N/4 groups, at least one) beside N plain rows, after a step that has seen
-every group. Counted (sgl_esamp.tools.launches): torch ops that launch kernels or copies (not
+every group. Counted (esamp_testing.launches): torch ops that launch kernels or copies (not
 views or allocations) by a dispatch mode, and Triton launches, each once. "Added" is the step's
 count minus the count of the same batch all plain (a stock step).
 
@@ -38,9 +38,9 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="also print each path's launches by name")
     args = p.parse_args()
 
-    from sgl_esamp.patches import harness
+    from esamp_testing import harness
     from sgl_esamp.tools.default_model import default_cache_dir, make_tiny_llama
-    from sgl_esamp.tools.launches import count_launches, esamp_step_model
+    from esamp_testing.launches import count_launches, esamp_step_model
 
     harness.publish(make_tiny_llama(default_cache_dir() / "tiny-llama-test"))
     model = harness.Model.random(args.hidden, args.vocab, 4)

@@ -1,6 +1,6 @@
 """Soak: repeated rounds of mixed concurrent traffic on a real ESamp server (SmolLM2 by default).
 
-Each round (sgl_esamp.tools.traffic.mixed_round): n > 1, plain, greedy, shared and many
+Each round (esamp_testing.traffic.mixed_round): n > 1, plain, greedy, shared and many
 distinct group ids (more than the bank's slots: exhaustion, eviction, fallback), chat with the
 reference variant, bad custom_params, streams cut by the client, an /abort_request and a group
 whose Distiller faults (ESAMP_TEST_FAULT_GROUP). After each round: 5xx count, whether every bad
@@ -18,9 +18,9 @@ import time
 
 import psutil
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 from sgl_esamp.tools.default_model import materialize_smollm2
-from sgl_esamp.tools.traffic import mixed_round, server_state, wait_for
+from esamp_testing.traffic import mixed_round, server_state, wait_for
 
 FAULT_GROUP = "soak-faulty"
 

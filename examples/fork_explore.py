@@ -38,7 +38,7 @@ def main() -> None:
         url = args.url
         if url is None:
             from sgl_esamp.tools.default_model import materialize_smollm2
-            from sgl_esamp.patches.launch import launch
+            from sgl_esamp.tools.launch import launch
 
             print("starting SGLang with --sampler esamp on SmolLM2-135M-Instruct (about a minute on a CPU)...")
             url = stack.enter_context(launch(materialize_smollm2())).url

@@ -11,7 +11,7 @@ from __future__ import annotations
 def register() -> None:
     from sglang.srt.layers.sampler import register_sampler_backend
 
-    from . import cpu_parallel, lifecycle, memory, routing, server_args, testing
+    from . import cpu_parallel, lifecycle, memory, routing, server_args
     from .sampler_backend import ESampBackend
 
     register_sampler_backend(server_args.BACKEND, ESampBackend)
@@ -20,4 +20,3 @@ def register() -> None:
     memory.register()
     routing.register()
     cpu_parallel.register()
-    testing.install()  # test-only hooks, each behind its environment variable (none by default)

@@ -41,7 +41,7 @@ def decode_step_modules(root: Path) -> list[str]:
     try:
         from esamp_testing import harness
     except ImportError:
-        from sgl_esamp.patches import harness
+        from esamp_testing import harness
     from sgl_esamp.patches import server_args
 
     served = ["--esamp-variants", "all"] if "--esamp-variants" in server_args.OPTIONS else []

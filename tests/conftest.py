@@ -29,7 +29,7 @@ def smollm2() -> Path:
 
 
 def _server(request, model: Path, **kwargs):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     server = launch(model, **kwargs)
     request.addfinalizer(server.stop)

@@ -9,7 +9,7 @@ launchers: a decode step as tests/gpu/steps.py::backend_step makes it (the SGLan
 `sample(..., out=int32)`), a learn-only prompt prefill (`ESampSampler.learn`), the joint
 draw's fusion (`ESampSampler.fuse`) and the variants' taps (`ops.tap_rows`). Every launch is
 recorded and compiled once per distinct (kernel, specialization, target)
-(tests/support/triton_targets.py). It fails on any compile error (or a kernel needing more
+(tests/support/esamp_testing/triton_targets.py). It fails on any compile error (or a kernel needing more
 shared memory than its target has), and prints per kernel the specializations and, per
 target, the largest register count, spill stores and shared memory, and which arguments made
 one server configuration need several compiles over the N x grouping sweep.
@@ -260,7 +260,7 @@ def keys_probe() -> int:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     os.environ["ESAMP_KERNELS"] = "triton"
     _imports()
-    from support.triton_targets import record_launches, record_specializations
+    from esamp_testing.triton_targets import record_launches, record_specializations
 
     drive = Driver("cpu" if interpret else "meta")
     H, r, V = 64, 16, 512
@@ -283,7 +283,7 @@ def main() -> int:
     os.environ["ESAMP_KERNELS"] = "triton"  # the GPU's path, whatever the device
     _imports()
     started = time.perf_counter()
-    from support.triton_targets import jit_kernels, record_launches, supported_targets, varying_args
+    from esamp_testing.triton_targets import jit_kernels, record_launches, supported_targets, varying_args
 
     targets = supported_targets()
     workers = int(os.environ.get("ESAMP_COMPILE_WORKERS", min(4, os.cpu_count() or 1)))

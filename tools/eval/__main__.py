@@ -1,4 +1,4 @@
-"""CLI: python -m sgl_esamp.tools.eval [--quick] [--frontier [--analyze-only]] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
+"""CLI: python -m sgl_esamp.tools.eval [--quick] [--frontier [--sweep authors] [--analyze-only]] [--tune-betas B ...] [--tune-layers L ...] [--url URL] --out DIR"""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ FRONTIER = dict(n=16, reasoning_n=32, problems=4, prompts=13, creative_prompts=9
                 writing_tokens=64, rows=128, resamples=10000)
 FRONTIER_QUICK = dict(n=4, reasoning_n=4, problems=1, prompts=1, creative_prompts=1, reasoning_tokens=16,
                       writing_tokens=24, rows=64, resamples=1000)
+# --sweep authors (frontier.AUTHORS_SWEEP): the same items and sizes, 128-token open-ended answers
+# (reasoning keeps the frontier's 64 tokens; --no-reasoning drops it)
+AUTHORS = dict(FRONTIER, writing_tokens=128)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--frontier", action="store_true",
                    help="sweep every method's knob on the same items; checkpointed per (method, item) in OUT/SPLIT")
     f.add_argument("--analyze-only", action="store_true", help="frontier: only analyse OUT/SPLIT/checkpoint.jsonl")
+    f.add_argument("--sweep", choices=["frontier", "authors"], default="frontier",
+                   help="frontier: issue 19's sweep (default) or the authors' settings (top-p 0.95 + min-p 0.1 on "
+                        "every point; temperature and FIRE curves; ESamp reference and latent at beta 0.25 and 0.8, "
+                        "train_rows first and all; 128-token open-ended answers)")
+    f.add_argument("--no-reasoning", action="store_true", help="drop the reasoning part (same as --parts writing creative)")
     f.add_argument("--reasoning-n", type=int, help="frontier: samples per reasoning problem")
     f.add_argument("--rows", type=int, help="frontier: samples in flight (the server's --max-running-requests)")
     f.add_argument("--ppl", choices=["server", "transformers"], default=None,
@@ -84,9 +92,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     f.add_argument("--per-branch-betas", type=float, nargs="*", help="frontier: latent betas of the per-branch arm")
     f.add_argument("--prompt-learning-beta", type=float, default=None,
                    help="frontier: beta of the prefill_pairs=0 arm (negative: no such arm)")
+    f.add_argument("--fire-temperatures", type=float, nargs="*",
+                   help="--sweep authors: FIRE's first-token temperatures (default 1.5 2 3)")
+    f.add_argument("--train-rows", nargs="*", choices=["first", "all"],
+                   help="--sweep authors: custom_params.train_rows of the ESamp points (default first all)")
     args = p.parse_args(argv)
+    if args.no_reasoning:
+        args.parts = [part for part in args.parts if part != "reasoning"]
     if args.frontier:
-        defaults = FRONTIER_QUICK if args.quick else FRONTIER
+        defaults = FRONTIER_QUICK if args.quick else AUTHORS if args.sweep == "authors" else FRONTIER
     else:
         defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():

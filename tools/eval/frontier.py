@@ -2,12 +2,16 @@
 
     python -m sgl_esamp.tools.eval --frontier --split dev --out fr     # generate (resumable), then analyse
     python -m sgl_esamp.tools.eval --frontier --split dev --out fr --analyze-only
+    python -m sgl_esamp.tools.eval --frontier --sweep authors --split test --out fr_authors
 
 Every method sweeps its own knob on the same items, with the same n and server seed, and
 every point (baselines and ESamp) carries `top_k: 256` (ESamp fuses at most the 256 most
 probable tokens, so the cap is common to all): the temperature at top-p 0.95, min-p at T 1.0,
 ESamp's β (latent and reference, T 0.8, top-p 0.95), a per-branch arm (the same ESamp
 setting, every sample its own group) and a prompt-learning arm (`prefill_pairs: 0`).
+`--sweep authors` runs the authors' settings instead (`AUTHORS_SWEEP`: top-p 0.95 and min-p 0.1
+on every point; the temperature curve, FIRE's first-token temperature as a second curve, ESamp
+reference and latent at β 0.25 and 0.8 with train_rows first and all; 128-token answers).
 
 Generation is checkpointed per (method, item) in OUT/SPLIT/checkpoint.jsonl (raw outputs);
 a rerun with the same --out skips what is done. The analysis reads only the checkpoint:
@@ -15,7 +19,8 @@ per point and item, semantic diversity (Vendi, mean pairwise cosine, clusters), 
 (median perplexity under the base model), repetition and ESamp's signal; then each ESamp
 point against each baseline's interpolated curve at its own perplexity (open-ended) or
 pass@1 (reasoning), shared against per-branch at equal β, all with paired bootstrap
-intervals over items, and the minimum detectable effects. See docs/EVAL.md, "Frontier mode".
+intervals over items, two-sided bootstrap p-values read with Holm's correction per family of
+comparisons (`multiplicity`), and the minimum detectable effects. See docs/EVAL.md, "Frontier mode".
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import creative, metrics, reasoning, writing
+from . import client
 from .methods import TOP_P, Method
 from .metrics import OPEN_ENDED
 
@@ -44,11 +50,20 @@ TOP_K = 256  # = --esamp-max-candidates: every frontier point gets the cap ESamp
 ESAMP_T = 0.8  # the authors' ESamp setting: T 0.8, top-p 0.95
 MIN_P_T = 1.0
 PLAIN = {"sampling": "plain"}
-BASELINES = ("temperature", "min_p")  # families whose points form curves
+BASELINES = ("temperature", "min_p", "fire")  # families whose points form curves
 # kl_budget: the dev experiment of docs/EVAL.md (a per-row KL limit at β 2), not kept in the server;
 # named so that its checkpoint (docs/eval/frontier/dev) still reads
 ESAMP_FAMILIES = ("latent", "reference", "per_branch", "prompt_learning", "kl_budget")
-REASONING_FAMILIES = ("temperature", *ESAMP_FAMILIES)  # min-p: open-ended only (the issue's reasoning curve is T)
+# min-p: open-ended only (the issue's reasoning curve is T); FIRE was made for reasoning
+REASONING_FAMILIES = ("temperature", "fire", *ESAMP_FAMILIES)
+# The metrics of the curve comparisons' multiplicity family (Holm): semantic (Vendi, mean pairwise
+# cosine) and lexical (distinct-1/2 across the n samples) diversity; clusters and the per-prompt
+# estimator are reported, not in the family
+PRIMARY = ("vendi", "mean_cosine", "distinct_1", "distinct_2")
+HOLM_ALPHA = 0.05
+# below this many items a bootstrap distribution is too coarse for a p-value (2 items have 3
+# distinct resamples of a mean); such comparisons are reported, not tested
+MIN_TEST_ITEMS = 8
 
 
 @dataclass(frozen=True)
@@ -71,12 +86,39 @@ FULL_SWEEP = Sweep(temperatures=(0.6, 0.8, 1.0, 1.2), min_ps=(0.02, 0.05, 0.1, 0
 QUICK_SWEEP = Sweep(temperatures=(0.8, 1.2), min_ps=(0.05, 0.2), latent_betas=(0.1, 1.0), reference_betas=(0.1, 1.0),
                     per_branch_betas=(0.1, 1.0), prompt_learning_beta=0.1)
 
+# The authors' own settings (`--sweep authors`): their starter samples at T 0.8 with top-p 0.95 AND
+# min-p 0.1 (β 0.8 there; the paper reportedly uses β 0.25). Every point carries these filters and
+# the common cap.
+AUTHORS_FILTERS = {"top_p": TOP_P, "min_p": 0.1, "top_k": TOP_K}
+# FIRE's first token: hot, top-k 40, no top-p / min-p (Chen et al., arXiv 2410.21236); the T_first
+# values swept are ours (the ESamp paper's FIRE settings were not found)
+FIRE_TOP_K = 40
 
-def points(sweep: Sweep) -> list[Method]:
+
+@dataclass(frozen=True)
+class AuthorsSweep:
+    temperatures: tuple[float, ...]  # the temperature curve under the authors' filters
+    fire_temperatures: tuple[float, ...]  # FIRE's first-token temperatures (a second baseline curve)
+    latent_betas: tuple[float, ...]
+    reference_betas: tuple[float, ...]
+    train_rows: tuple[str, ...]  # custom_params.train_rows: "first" (the authors' recipe) and/or "all"
+
+
+AUTHORS_SWEEP = AuthorsSweep(temperatures=(0.6, 0.8, 1.0, 1.2, 1.4, 1.6), fire_temperatures=(1.5, 2.0, 3.0),
+                             latent_betas=(0.25, 0.8), reference_betas=(0.25, 0.8), train_rows=("first", "all"))
+AUTHORS_QUICK_SWEEP = AuthorsSweep(temperatures=(0.8, 1.4), fire_temperatures=(1.5, 3.0), latent_betas=(0.8,),
+                                   reference_betas=(0.8,), train_rows=("first", "all"))
+
+
+def _esamp(variant: str, beta: float, **extra: Any) -> dict[str, Any]:
+    return {"sampling": "esamp", "variant": variant, "beta": beta, **extra}
+
+
+def points(sweep: Sweep | AuthorsSweep) -> list[Method]:
     """The frontier's methods; each carries its family and knob value."""
-    def esamp(variant: str, beta: float, **extra: Any) -> dict[str, Any]:
-        return {"sampling": "esamp", "variant": variant, "beta": beta, **extra}
-
+    if isinstance(sweep, AuthorsSweep):
+        return authors_points(sweep)
+    esamp = _esamp
     es = {"temperature": ESAMP_T, "top_p": TOP_P, "top_k": TOP_K}
     out = [Method(f"temp{t:g}", {"temperature": t, "top_p": TOP_P, "top_k": TOP_K}, PLAIN, "temperature", t)
            for t in sweep.temperatures]
@@ -95,6 +137,28 @@ def points(sweep: Sweep) -> list[Method]:
     return out
 
 
+def authors_points(sweep: AuthorsSweep) -> list[Method]:
+    """The authors' sweep: every point at top-p 0.95, min-p 0.1 and top_k 256.
+
+    * `temp{T}`: the temperature curve under these filters;
+    * `fire{T_first}`: FIRE, the first token at T_first with top-k 40 alone, the rest at T 0.8 with
+      the filters (two requests per sample: `generate` and `client.fire_sample`);
+    * `{ref,lat}_b{β}_{first,all}`: ESamp at T 0.8 with the filters, each variant, β and
+      custom_params.train_rows (which decode rows train the group's Distiller; every row is fused).
+      Prompt learning and the first token's fusion are the variant's own defaults (the reference
+      variant's: the authors' recipe, no prompt pairs, first token not fused)."""
+    regular = {"temperature": ESAMP_T, **AUTHORS_FILTERS}
+    out = [Method(f"temp{t:g}", {"temperature": t, **AUTHORS_FILTERS}, PLAIN, "temperature", t)
+           for t in sorted(sweep.temperatures)]
+    first = lambda tf: {"temperature": tf, "top_k": FIRE_TOP_K, "top_p": 1.0, "min_p": 0.0}
+    out += [Method(f"fire{tf:g}", regular, PLAIN, "fire", tf, first_token=first(tf))
+            for tf in sorted(sweep.fire_temperatures)]
+    for variant, short, betas in (("reference", "ref", sweep.reference_betas), ("latent", "lat", sweep.latent_betas)):
+        out += [Method(f"{short}_b{b:g}_{rows}", regular, _esamp(variant, b, train_rows=rows), variant, b)
+                for b in betas for rows in sweep.train_rows]
+    return out
+
+
 def server_settings(rows: int, seed: int = 0, source_layer: int = 0, threads: int = 1) -> tuple[list[str], dict[str, str]]:
     """Server arguments and environment of frontier mode, for `rows` samples in flight.
 
@@ -110,7 +174,7 @@ def server_settings(rows: int, seed: int = 0, source_layer: int = 0, threads: in
       barriers stall whenever another process holds a core; measured on 2 shared cores at
       64 rows: 12 tok/s with 2 threads, 77 tok/s with 1.
     """
-    from sgl_esamp.patches.launch import has_cuda
+    from sgl_esamp.tools.launch import has_cuda
 
     args = ["--random-seed", str(seed), "--esamp-source-layer", str(source_layer),
             "--max-running-requests", str(rows), "--esamp-slots", str(rows), "--disable-radix-cache",
@@ -217,7 +281,7 @@ class Checkpoint:
         for x in self.lines:
             m, it = by_name.get(x["method"]), by_item.get(x["item"])
             if m and (x["sampling_params"] != m.sampling_params or x["custom_params"] != m.custom_params
-                      or x["per_branch"] != m.per_branch):
+                      or x["per_branch"] != m.per_branch or (x.get("first_token") or {}) != m.first_token):
                 raise SystemExit(f"{self.path}: {x['method']} was run with other settings; use another --out")
             if it and (x["prompt"] != it.prompt or x["n"] != it.n or x["max_new_tokens"] != it.max_new_tokens):
                 raise SystemExit(f"{self.path}: {x['item']} was run with another prompt, n or max_new_tokens; "
@@ -236,10 +300,10 @@ class Checkpoint:
 
 # -- generation ---------------------------------------------------------------------------------
 
-def _request(url: str, prompt: str, params: dict[str, Any], timeout: float = 3600, tries: int = 3) -> list[dict]:
+def _post(url: str, body: dict[str, Any], timeout: float = 3600, tries: int = 3) -> list[dict]:
+    """POST /generate (retried on connection errors, never on a 400); always a list of outputs."""
     import requests
 
-    body = {"text": prompt, "sampling_params": params, "return_logprob": True}
     for attempt in range(tries):
         try:
             r = requests.post(url + "/generate", json=body, timeout=timeout)
@@ -255,28 +319,51 @@ def _request(url: str, prompt: str, params: dict[str, Any], timeout: float = 360
     raise AssertionError("unreachable")
 
 
-def _sample(o: dict) -> dict:
-    """What the checkpoint keeps of one sample: text, token count, the base model's log-likelihood
-    of the drawn tokens (original logprobs), and meta_info["esamp"]."""
-    meta = o["meta_info"]
-    lps = [x[0] for x in meta.get("output_token_logprobs") or [] if x[0] is not None]
-    fin = meta.get("finish_reason")
-    return {"text": o["text"], "output_tokens": meta.get("completion_tokens"),
-            "finish": fin.get("type") if isinstance(fin, dict) else fin,
-            "logprob_sum": float(sum(lps)), "logprob_tokens": len(lps), "esamp": meta.get("esamp")}
+def _request(url: str, prompt: str, params: dict[str, Any], timeout: float = 3600, tries: int = 3) -> list[dict]:
+    return _post(url, {"text": prompt, "sampling_params": params, "return_logprob": True}, timeout, tries)
+
+
+_sample = client.sample_record  # what the checkpoint keeps of one sample
+
+
+def fire_unit(url: str, prompt: str, prompt_ids: list[int], n: int, max_new_tokens: int, m: Method,
+              decode: Callable[[list[int]], str] | None = None) -> list[dict]:
+    """One FIRE unit: n first tokens in one request (the first token's settings, max_new_tokens 1),
+    then one batched continuation request (`input_ids`: the prompt's ids plus each first token;
+    the regular settings, max_new_tokens - 1) for the samples that did not end at their first
+    token; returns the n assembled samples (`client.fire_sample`). The server must tokenise the
+    prompt as `prompt_ids` (checked against the first response's prompt_tokens)."""
+    custom = dict(m.custom_params)
+    firsts = _request(url, prompt, {**m.first_token, "max_new_tokens": 1, "n": n, "custom_params": custom})
+    for f in firsts:
+        pt = f["meta_info"].get("prompt_tokens")
+        if pt is not None and pt != len(prompt_ids):
+            raise RuntimeError(f"the server tokenised the prompt into {pt} tokens, the harness into {len(prompt_ids)}")
+    live, body = client.fire_continuation_body(prompt_ids, firsts, max_new_tokens, m.sampling_params, custom)
+    conts: list[dict | None] = [None] * len(firsts)
+    if body is not None:
+        for i, c in zip(live, _post(url, body)):
+            conts[i] = c
+    return [client.fire_sample(f, c, decode) for f, c in zip(firsts, conts)]
 
 
 def generate(url: str, ms: list[Method], its: list[Item], ckpt: Checkpoint, rows: int, split: str,
-             desc: str = "generate", stats: dict[str, Any] | None = None) -> dict[str, Any]:
+             desc: str = "generate", stats: dict[str, Any] | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Send every unit not in the checkpoint, keeping about `rows` samples in flight.
 
     A shared unit is one request with n samples (one ESamp group); a per-branch unit is n
-    requests of n = 1, each with its own group id, sent together so they decode side by side.
-    Each finished unit is appended to the checkpoint at once. Returns the session's timing;
-    `stats`, if given, is filled as units finish (what an interrupted session got done)."""
+    requests of n = 1, each with its own group id, sent together so they decode side by side;
+    a FIRE unit (a method with `first_token`) is its two requests (`fire_unit`; it needs the
+    server's `tokenizer` for the prompt's ids). Each finished unit is appended to the checkpoint
+    at once. Returns the session's timing; `stats`, if given, is filled as units finish (what an
+    interrupted session got done)."""
     from tqdm import tqdm
 
     todo = [(m, it) for m, it in units(ms, its) if (m.name, it.id) not in ckpt.done]
+    if any(m.first_token for m, _ in todo) and tokenizer is None:
+        raise ValueError("FIRE points need the tokenizer (the prompt's token ids)")
+    encode = (lambda text: list(tokenizer(text)["input_ids"])) if tokenizer is not None else None
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     nonce = uuid.uuid4().hex[:8]  # group ids never meet a retained group of an earlier session
     permits = threading.Semaphore(rows)
     lock = threading.Lock()
@@ -285,10 +372,14 @@ def generate(url: str, ms: list[Method], its: list[Item], ckpt: Checkpoint, rows
     t0 = time.monotonic()
 
     def finish(m: Method, it: Item, parts: list[list[dict]], started: float) -> None:
-        outs = [_sample(o) for res in parts for o in res]
-        ckpt.append({"split": split, "method": m.name, "item": it.id, "part": it.part, "family": m.family,
-                     "knob": m.knob, "per_branch": m.per_branch, "sampling_params": m.sampling_params,
-                     "custom_params": m.custom_params, "n": it.n, "max_new_tokens": it.max_new_tokens,
+        # FIRE units come back assembled (client.fire_sample), the others as raw outputs
+        outs = [o if m.first_token else _sample(o) for res in parts for o in res]
+        line = {"split": split, "method": m.name, "item": it.id, "part": it.part, "family": m.family,
+                "knob": m.knob, "per_branch": m.per_branch, "sampling_params": m.sampling_params,
+                "custom_params": m.custom_params}
+        if m.first_token:  # only then: checkpoints written before FIRE existed read the same
+            line["first_token"] = m.first_token
+        ckpt.append({**line, "n": it.n, "max_new_tokens": it.max_new_tokens,
                      "prompt": it.prompt, "info": it.info, "seconds": round(time.monotonic() - started, 2),
                      "finished_at": time.time(), "outputs": outs})
         with lock:
@@ -302,7 +393,11 @@ def generate(url: str, ms: list[Method], its: list[Item], ckpt: Checkpoint, rows
         def run_unit(m: Method, it: Item) -> None:
             started = time.monotonic()
             base = {"max_new_tokens": it.max_new_tokens, **m.sampling_params}
-            if not m.per_branch:
+            if m.first_token:  # FIRE: its n samples hold their rows through both requests
+                for _ in range(it.n):
+                    permits.acquire()
+                futs = [pool.submit(fire_unit, url, it.prompt, encode(it.prompt), it.n, it.max_new_tokens, m, decode)]
+            elif not m.per_branch:
                 for _ in range(it.n):
                     permits.acquire()
                 fut = pool.submit(_request, url, it.prompt, {**base, "n": it.n, "custom_params": dict(m.custom_params)})
@@ -511,12 +606,13 @@ def curve_gap(curve_x: np.ndarray, curve_y: np.ndarray, px: np.ndarray, py: np.n
     se = float(ok.std(ddof=1)) if ok.size > 1 else float("nan")
     return {**res, "mean": float(py.mean() - est), "curve_y": float(est),
             "low": float(np.percentile(ok, 2.5)), "high": float(np.percentile(ok, 97.5)), "se": se,
-            "sd_effective": se * math.sqrt(n), "mde": z_power() * se}
+            "sd_effective": se * math.sqrt(n), "mde": z_power() * se,
+            "p": metrics.bootstrap_p(ok)}  # two-sided, over the resamples inside the curve
 
 
 def per_item_gap(curve_x: np.ndarray, curve_y: np.ndarray, px: np.ndarray, py: np.ndarray) -> dict[str, Any]:
     """The per-item version: each item's own curve read at that item's point x; mean over the
-    items inside their curve, with scipy's bootstrap interval."""
+    items inside their curve, with scipy's bootstrap interval (and p), and the t-interval."""
     gaps = py - interp_rows(curve_x.T, curve_y.T, px)
     inside = gaps[np.isfinite(gaps)]
     res = {"items": int(len(gaps)), "inside": int(inside.size)}
@@ -524,7 +620,9 @@ def per_item_gap(curve_x: np.ndarray, curve_y: np.ndarray, px: np.ndarray, py: n
         return {**res, "mean": None, "low": None, "high": None, "sd": None}
     d = metrics.paired_difference(inside, np.zeros_like(inside))
     sd = float(inside.std(ddof=1))
-    return {**res, "mean": d["mean"], "low": d["low"], "high": d["high"], "sd": sd, "mde": mde(sd, inside.size)}
+    t_low, t_high = metrics.t_interval(inside)
+    return {**res, "mean": d["mean"], "low": d["low"], "high": d["high"], "sd": sd, "mde": mde(sd, inside.size),
+            "p": d["p"], "t_low": t_low, "t_high": t_high}
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -535,7 +633,8 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 
 # -- analysis -----------------------------------------------------------------------------------
 
-DIVERSITY = ("vendi", "mean_cosine", "clusters")
+DIVERSITY = ("vendi", "mean_cosine", "clusters", "distinct_1", "distinct_2")  # compared with the curves; lower
+# mean cosine is more diverse, higher is for the others
 OPEN_FIELDS = ("vendi", "mean_cosine", "clusters", "median_perplexity", "log_median_perplexity", "mean_perplexity",
                "distinct_1", "distinct_2", "distinct_3", "repeated_4gram", "output_tokens")
 
@@ -553,13 +652,15 @@ def analyze(out: Path, model: Path | None, ppl_source: str = "server", k: int = 
     per: dict[str, dict[str, dict]] = {}  # method -> item -> scores
     items_info: dict[str, dict] = {}
     for line in tqdm(lines, desc="score", unit="unit"):
-        methods.setdefault(line["method"], {f: line[f] for f in ("family", "knob", "per_branch", "sampling_params",
-                                                                "custom_params")})
+        methods.setdefault(line["method"], {**{f: line[f] for f in ("family", "knob", "per_branch", "sampling_params",
+                                                                   "custom_params")},
+                                            **({"first_token": line["first_token"]} if line.get("first_token") else {})})
         items_info.setdefault(line["item"], {"part": line["part"], "n": line["n"], "max_new_tokens": line["max_new_tokens"],
                                              **{k2: v for k2, v in line["info"].items() if k2 != "entry"}})
         per.setdefault(line["method"], {})[line["item"]] = scorer(line)
     order = {f: j for j, f in enumerate((*BASELINES, *ESAMP_FAMILIES))}
-    methods = dict(sorted(methods.items(), key=lambda kv: (order.get(kv[1]["family"], 99), kv[1]["knob"] or 0)))
+    methods = dict(sorted(methods.items(), key=lambda kv: (order.get(kv[1]["family"], 99), kv[1]["knob"] or 0,
+                                                           kv[1]["custom_params"].get("train_rows") or "", kv[0])))
     n_reason = {i["n"] for i in items_info.values() if i["part"] == "reasoning"}
     k = min([k, *n_reason]) if n_reason else k
     res: dict[str, Any] = {"methods": methods, "items": items_info, "k": k, "ppl_source": ppl_source,
@@ -614,41 +715,36 @@ def analyze(out: Path, model: Path | None, ppl_source: str = "server", k: int = 
                 its = common(knobs + [nm], pf)
                 if len(its) < 2:
                     continue
-                cx = np.array([[per[c][i]["log_median_perplexity"] for i in its] for c in knobs])
-                px = np.array([per[nm][i]["log_median_perplexity"] for i in its])
-                for f in DIVERSITY:
-                    cy = np.array([[per[c][i][f] for i in its] for c in knobs])
-                    py = np.array([per[nm][i][f] for i in its])
-                    # for mean cosine lower is more diverse: dominance compares -cosine
-                    sign = -1.0 if f == "mean_cosine" else 1.0
-                    gap = curve_gap(cx, sign * cy, px, sign * py, resamples, knobs=knobs, x_better=-1)
-                    if sign < 0:
-                        gap = _negate(gap)
-                    res["matched"].setdefault(gname, {}).setdefault(base, {}).setdefault(nm, {})[f] = {
-                        "curve": gap, "per_item": _negate(per_item_gap(cx, -cy, px, -py)) if sign < 0 else
-                        per_item_gap(cx, cy, px, py)}
-    temps = knobs_of("temperature", lambda p: p == "reasoning")
+                res["matched"].setdefault(gname, {}).setdefault(base, {})[nm] = {
+                    f: matched_gap(per, knobs, nm, its, f, resamples) for f in DIVERSITY}
+    # matched pass@k: each ESamp point against each baseline curve run on reasoning
     res["matched_reasoning"] = {}
-    if len(temps) >= 2:
+    reason = lambda p: p == "reasoning"
+    for base in BASELINES:
+        knobs = knobs_of(base, reason)
+        if len(knobs) < 2:
+            continue
         for nm in esamp_names:
-            its = common(temps + [nm], lambda p: p == "reasoning")
+            its = common(knobs + [nm], reason)
             if len(its) < 2:
                 continue
-            cx = np.array([[_pass(per[c][i]["correct"], 1) for i in its] for c in temps])
-            cy = np.array([[_pass(per[c][i]["correct"], k) for i in its] for c in temps])
+            cx = np.array([[_pass(per[c][i]["correct"], 1) for i in its] for c in knobs])
+            cy = np.array([[_pass(per[c][i]["correct"], k) for i in its] for c in knobs])
             px = np.array([_pass(per[nm][i]["correct"], 1) for i in its])
             py = np.array([_pass(per[nm][i]["correct"], k) for i in its])
-            res["matched_reasoning"][nm] = curve_gap(cx, cy, px, py, resamples, knobs=temps, x_better=1)
+            gap = curve_gap(cx, cy, px, py, resamples, knobs=knobs, x_better=1)
             if n_reason and min(n_reason) >= 2 * k:  # what n = k samples per problem would have given
                 half = lambda nm2, i: per[nm2][i]["correct"][: items_info[i]["n"] // 2]
-                cxh = np.array([[_pass(half(c, i), 1) for i in its] for c in temps])
-                cyh = np.array([[_pass(half(c, i), k) for i in its] for c in temps])
-                res["matched_reasoning"][nm]["half_n"] = curve_gap(
+                cxh = np.array([[_pass(half(c, i), 1) for i in its] for c in knobs])
+                cyh = np.array([[_pass(half(c, i), k) for i in its] for c in knobs])
+                gap["half_n"] = curve_gap(
                     cxh, cyh, np.array([_pass(half(nm, i), 1) for i in its]),
-                    np.array([_pass(half(nm, i), k) for i in its]), resamples, knobs=temps, x_better=1)
+                    np.array([_pass(half(nm, i), k) for i in its]), resamples, knobs=knobs, x_better=1)
+            res["matched_reasoning"].setdefault(base, {})[nm] = gap
 
     # direct paired comparisons: shared vs per-branch at equal beta, prompt learning vs default,
-    # each ESamp point vs the temperature point at its own T (the fusion alone)
+    # each ESamp point vs the temperature point of its own sampling parameters (the fusion alone),
+    # train_rows first vs all at equal variant and beta
     res["paired"] = {}
     pairs: list[tuple[str, str, str]] = []
     for nm in fam("per_branch"):
@@ -662,7 +758,9 @@ def analyze(out: Path, model: Path | None, ppl_source: str = "server", k: int = 
     base_t = f"temp{ESAMP_T:g}"
     if base_t in methods:
         for nm in fam("latent") + fam("reference"):
-            pairs.append((f"{nm} − {base_t} (fusion alone)", nm, base_t))
+            if methods[nm]["sampling_params"] == methods[base_t]["sampling_params"]:
+                pairs.append((f"{nm} − {base_t} (fusion alone)", nm, base_t))
+    pairs += [(f"{a} − {b} (train_rows first − all)", a, b) for a, b in train_rows_pairs(methods)]
     for label, a, b in pairs:
         row: dict[str, Any] = {}
         for gname, pf in groups.items():
@@ -681,6 +779,9 @@ def analyze(out: Path, model: Path | None, ppl_source: str = "server", k: int = 
                                                              np.array([_pass(h(b, i), k) for i in its]))
         res["paired"][label] = row
 
+    res["multiplicity"] = multiplicity(res, k)
+    for fam in res["multiplicity"].values():
+        fam["resamples"], fam["reachable"] = resamples, holm_reachable(fam, resamples)
     res["power"] = power_summary(res, k, targets)
     res["per_item"] = {nm: {i: {f: v for f, v in s.items() if f not in ("perplexity",)} for i, s in d.items()}
                        for nm, d in per.items()}
@@ -693,15 +794,123 @@ def analyze(out: Path, model: Path | None, ppl_source: str = "server", k: int = 
     return res
 
 
+def matched_gap(per: dict[str, dict[str, dict]], knobs: list[str], point: str, its: list[str], field: str,
+                resamples: int) -> dict[str, Any]:
+    """One diversity metric of one ESamp point against one baseline's curve at the point's own
+    log perplexity, on the items `its`: the mean-curve estimator (`curve_gap`) and the per-item
+    one (`per_item_gap`). per: method -> item -> scores; knobs: the baseline's points. For mean
+    cosine lower is more diverse, so the curve's frontier (and dominance) is taken on -cosine and
+    the gap reported back in cosine; for Vendi, distinct-n and clusters higher is more diverse."""
+    cx = np.array([[per[c][i]["log_median_perplexity"] for i in its] for c in knobs])
+    px = np.array([per[point][i]["log_median_perplexity"] for i in its])
+    cy = np.array([[per[c][i][field] for i in its] for c in knobs])
+    py = np.array([per[point][i][field] for i in its])
+    if field == "mean_cosine":
+        return {"curve": _negate(curve_gap(cx, -cy, px, -py, resamples, knobs=knobs, x_better=-1)),
+                "per_item": _negate(per_item_gap(cx, -cy, px, -py))}
+    return {"curve": curve_gap(cx, cy, px, py, resamples, knobs=knobs, x_better=-1),
+            "per_item": per_item_gap(cx, cy, px, py)}
+
+
 def _negate(d: dict[str, Any]) -> dict[str, Any]:
     """A gap computed on -y (so that the frontier is the curve's best, the lowest cosine) back in y."""
     out = dict(d)
     for f in ("mean", "curve_y", "point_y"):
         if out.get(f) is not None:
             out[f] = -out[f]
-    if out.get("low") is not None:
-        out["low"], out["high"] = -d["high"], -d["low"]
+    for lo, hi in (("low", "high"), ("t_low", "t_high")):
+        if out.get(lo) is not None:
+            out[lo], out[hi] = -d[hi], -d[lo]
     return out
+
+
+def train_rows_pairs(methods: dict[str, dict]) -> list[tuple[str, str]]:
+    """(first, all): ESamp points that differ only in custom_params.train_rows."""
+    out = []
+    for a, ma in methods.items():
+        if ma["custom_params"].get("train_rows") != "first":
+            continue
+        for b, mb in methods.items():
+            if (mb["custom_params"].get("train_rows") == "all" and mb["family"] == ma["family"]
+                    and mb["per_branch"] == ma["per_branch"] and mb["sampling_params"] == ma["sampling_params"]
+                    and {**mb["custom_params"], "train_rows": "first"} == ma["custom_params"]):
+                out.append((a, b))
+    return out
+
+
+def holm_family(rows: list[dict[str, Any]], alpha: float = HOLM_ALPHA) -> dict[str, Any]:
+    """Holm's correction over one family of comparisons: `rows` each carry a two-sided `p`
+    (NaN/None: not tested, e.g. a point outside the curve, and not counted in m; so is a row
+    with fewer than MIN_TEST_ITEMS `items`; `untested` says why). Adds p_holm and survives
+    (rejected at family-wise error alpha); rows sorted by p, the untested last."""
+    for r in rows:
+        if r.get("mean") is None:
+            r["untested"] = "outside the curve"
+        elif r.get("items") is not None and r["items"] < MIN_TEST_ITEMS:
+            r["untested"] = f"{r['items']} items (< {MIN_TEST_ITEMS})"
+        elif r.get("p") is None or not math.isfinite(r["p"]):
+            r["untested"] = "no p"
+    ps = [float("nan") if r.get("untested") else r["p"] for r in rows]
+    adj, rej = metrics.holm(ps, alpha)
+    out = [{**r, "p_holm": a if math.isfinite(a) else None, "survives": bool(j)} for r, a, j in zip(rows, adj, rej)]
+    tested = [r for r in out if r["p_holm"] is not None]
+    untested = [r for r in out if r["p_holm"] is None]
+    return {"alpha": alpha, "m": len(tested), "survivors": sum(r["survives"] for r in tested),
+            "rows": sorted(tested, key=lambda r: r["p"]) + untested}
+
+
+def holm_reachable(fam: dict[str, Any], resamples: int) -> bool:
+    """Whether the family's smallest Holm threshold, alpha / m, is above the smallest p that
+    `resamples` bootstrap resamples can give (2 / (B + 1)); if not, nothing can survive."""
+    return fam["m"] == 0 or 2 / (resamples + 1) < fam["alpha"] / fam["m"]
+
+
+def multiplicity(res: dict[str, Any], k: int) -> dict[str, Any]:
+    """The families of comparisons (one per question) and Holm's reading of each (two-sided
+    bootstrap p, family-wise alpha 0.05).
+
+    * curves: every ESamp point x each baseline curve x each primary metric (PRIMARY: Vendi,
+      mean cosine, distinct-1, distinct-2), mean-curve estimator, all open-ended prompts pooled;
+    * reasoning curves: every ESamp point x each baseline curve run on reasoning, pass@k;
+    * one family per kind of direct paired comparison (shared − per-branch, no prompt pairs −
+      default, fusion alone, train_rows first − all): its pairs x (each primary metric on the
+      pooled open-ended prompts, and pass@k on reasoning).
+    Per-part groups, clusters, perplexity, repetition, pass@1 and the per-prompt estimator are in
+    no family: reported uncorrected, as secondary."""
+    fams: dict[str, Any] = {}
+    rows = []
+    for base, by in res["matched"].get("open-ended", {}).items():
+        for nm, fs in by.items():
+            for f in PRIMARY:
+                c = (fs.get(f) or {}).get("curve")
+                if c is not None:
+                    rows.append({"point": nm, "baseline": base, "metric": f, "mean": c.get("mean"), "low": c.get("low"),
+                                 "high": c.get("high"), "mde": c.get("mde"), "p": c.get("p"), "outside": c.get("outside"),
+                                 "items": c.get("items")})
+    if rows:
+        fams["curves"] = {"description": "every ESamp point × each baseline curve × each primary metric "
+                                         f"({', '.join(PRIMARY)}); mean-curve estimator, open-ended prompts pooled",
+                          **holm_family(rows)}
+    rows = [{"point": nm, "baseline": base, "metric": f"pass@{k}", "mean": c.get("mean"), "low": c.get("low"),
+             "high": c.get("high"), "mde": c.get("mde"), "p": c.get("p"), "outside": c.get("outside"),
+             "items": c.get("items")}
+            for base, by in res.get("matched_reasoning", {}).items() for nm, c in by.items()]
+    if rows:
+        fams["reasoning curves"] = {"description": f"every ESamp point × each baseline curve on reasoning, pass@{k} "
+                                                   "against pass@1", **holm_family(rows)}
+    kinds: dict[str, list] = {}
+    for label, row in res.get("paired", {}).items():
+        kind = label[label.rfind("(") + 1:-1] if label.endswith(")") else label
+        for f in [f"open-ended {f}" for f in PRIMARY] + [f"pass@{k}"]:
+            d = row.get(f)
+            if d:
+                kinds.setdefault(kind, []).append({"comparison": label, "metric": f.removeprefix("open-ended "),
+                                                   "mean": d["mean"], "low": d["low"], "high": d["high"],
+                                                   "mde": d.get("mde"), "p": d.get("p"), "items": d.get("items")})
+    for kind, rows in kinds.items():
+        fams[kind] = {"description": f"every {kind} pair × each primary metric ({', '.join(PRIMARY)}) on the "
+                                     f"open-ended prompts pooled, and pass@{k} on reasoning", **holm_family(rows)}
+    return fams
 
 
 def _pass(correct: list[bool], k: int) -> float:
@@ -733,12 +942,13 @@ def power_summary(res: dict, k: int, targets: tuple[float, float]) -> dict[str, 
             if p.get("sd") is not None:
                 rows.append({"comparison": f"{nm} − {base} curve, Vendi (per prompt)", "items": p["inside"], "sd": p["sd"],
                              "mde": p["mde"], "target": vendi_t, "items_needed": items_for(p["sd"], vendi_t)})
-    for nm, c in res["matched_reasoning"].items():
-        for label, cc in (("", c), (" (first n/2 samples)", c.get("half_n"))):
-            if cc and cc.get("sd_effective") is not None and math.isfinite(cc["sd_effective"]):
-                rows.append({"comparison": f"{nm} − temperature curve, pass@{k}{label}", "items": cc["items"],
-                             "sd": cc["sd_effective"], "mde": cc["mde"], "target": pass_t,
-                             "items_needed": items_for(cc["sd_effective"], pass_t)})
+    for base, by in res["matched_reasoning"].items():
+        for nm, c in by.items():
+            for label, cc in (("", c), (" (first n/2 samples)", c.get("half_n"))):
+                if cc and cc.get("sd_effective") is not None and math.isfinite(cc["sd_effective"]):
+                    rows.append({"comparison": f"{nm} − {base} curve, pass@{k}{label}", "items": cc["items"],
+                                 "sd": cc["sd_effective"], "mde": cc["mde"], "target": pass_t,
+                                 "items_needed": items_for(cc["sd_effective"], pass_t)})
     for label, row in res["paired"].items():
         for f, target in (("open-ended vendi", vendi_t), (f"pass@{k}", pass_t), (f"pass@{k} (first n/2 samples)", pass_t)):
             d = row.get(f)
@@ -750,9 +960,26 @@ def power_summary(res: dict, k: int, targets: tuple[float, float]) -> dict[str, 
 
 # -- driver -------------------------------------------------------------------------------------
 
-def sweep_of(args: argparse.Namespace) -> Sweep:
-    base = QUICK_SWEEP if args.quick else FULL_SWEEP
+STANDARD_ONLY = ("min_ps", "per_branch_betas", "prompt_learning_beta", "reasoning_temperatures")
+AUTHORS_ONLY = ("fire_temperatures", "train_rows")
+
+
+def sweep_of(args: argparse.Namespace) -> Sweep | AuthorsSweep:
+    """The sweep `--sweep` names (issue 19's, the default, or the authors'), its lists replaced by
+    the options given (an empty list drops one); options of the other sweep are refused."""
     pick = lambda given, default: default if given is None else tuple(given)  # [] drops the sweep
+    given = lambda names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+    if getattr(args, "sweep", "frontier") == "authors":
+        if given(STANDARD_ONLY):
+            raise SystemExit(f"{', '.join(given(STANDARD_ONLY))}: not part of --sweep authors")
+        base = AUTHORS_QUICK_SWEEP if args.quick else AUTHORS_SWEEP
+        return AuthorsSweep(pick(args.temperatures, base.temperatures),
+                            pick(getattr(args, "fire_temperatures", None), base.fire_temperatures),
+                            pick(args.latent_betas, base.latent_betas), pick(args.reference_betas, base.reference_betas),
+                            pick(getattr(args, "train_rows", None), base.train_rows))
+    if given(AUTHORS_ONLY):
+        raise SystemExit(f"{', '.join(given(AUTHORS_ONLY))}: only with --sweep authors")
+    base = QUICK_SWEEP if args.quick else FULL_SWEEP
     return Sweep(pick(args.temperatures, base.temperatures), pick(args.min_ps, base.min_ps),
                  pick(args.latent_betas, base.latent_betas), pick(args.reference_betas, base.reference_betas),
                  pick(args.per_branch_betas, base.per_branch_betas),
@@ -775,7 +1002,7 @@ def run(args: argparse.Namespace, url: str, split: str, out: Path) -> dict[str, 
         # ends, and short answers (reasoning) leave the batch long before that, so the server
         # needs a queue to refill from (measured: 31-96 of 128 rows running with rows + n).
         session = generate(url, ms, its, ckpt, 2 * args.rows + max(it.n for it in its), split,
-                           desc=f"frontier ({split})", stats=partial)
+                           desc=f"frontier ({split})", stats=partial, tokenizer=tokenizer)
     finally:
         ended = time.time()
         if not session:  # interrupted: what it got done, timed to now

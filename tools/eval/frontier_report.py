@@ -6,12 +6,42 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .frontier import BASELINES
+
 TITLES = {"open-ended": "Open-ended (WritingBench + creative)", "writing": "WritingBench Literature & Arts",
           "creative": "Creative (own prompts)"}
-FAMILY_LABEL = {"temperature": "temperature (top-p 0.95)", "min_p": "min-p (T 1.0)", "latent": "ESamp latent",
+FAMILY_LABEL = {"temperature": "temperature", "min_p": "min-p", "fire": "FIRE", "latent": "ESamp latent",
                 "reference": "ESamp reference", "per_branch": "ESamp latent, per-branch",
                 "prompt_learning": "ESamp latent, prefill_pairs 0", "kl_budget": "ESamp latent, KL budget"}
 SIGNAL_SKIP = ("groups", "esamp_tokens", "signal_rows")
+METRIC = {"vendi": "Vendi", "mean_cosine": "mean cos", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
+          "clusters": "clusters"}
+
+
+def family_label(methods: dict[str, dict], fam: str) -> str:
+    """A family's name with the settings its points share (the knob's own setting left out), e.g.
+    "temperature (top-p 0.95, min-p 0.1)", "FIRE (T 0.8, top-p 0.95, min-p 0.1; first token top-k 40)"."""
+    ms = [m for m in methods.values() if m["family"] == fam]
+    if not ms:
+        return FAMILY_LABEL.get(fam, fam)
+    knob = {"temperature": "temperature", "min_p": "min_p"}.get(fam)
+    shared = {k: v for k, v in ms[0]["sampling_params"].items()
+              if k not in (knob, "top_k") and all(m["sampling_params"].get(k) == v for m in ms)}
+    names = {"temperature": "T", "top_p": "top-p", "min_p": "min-p"}
+    parts = [f"{names.get(k, k)} {v:g}" for k, v in shared.items() if isinstance(v, (int, float))]
+    first = ms[0].get("first_token") or {}
+    if fam == "fire" and first.get("top_k"):
+        parts = [", ".join(parts) + f"; first token top-k {first['top_k']}"] if parts else [f"first token top-k {first['top_k']}"]
+    rows = {m["custom_params"].get("train_rows") for m in ms} - {None}
+    if rows:
+        parts.append("train_rows " + "/".join(sorted(rows)))
+    return f"{FAMILY_LABEL.get(fam, fam)} ({', '.join(parts)})" if parts else FAMILY_LABEL.get(fam, fam)
+
+
+def _p(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.4f}" if x >= 0.001 else f"{x:.1e}"
 
 
 def _f(x: Any, d: int = 3) -> str:
@@ -28,7 +58,10 @@ def _ci(c: dict | None, d: int = 3) -> str:
 
 def _knob(m: dict) -> str:
     fam, k = m["family"], m["knob"]
-    return {"temperature": f"T {k:g}", "min_p": f"min-p {k:g}", "kl_budget": f"KL {k:g}"}.get(fam, f"β {k:g}")
+    label = {"temperature": f"T {k:g}", "min_p": f"min-p {k:g}", "kl_budget": f"KL {k:g}",
+             "fire": f"T_first {k:g}"}.get(fam, f"β {k:g}")
+    rows = m.get("custom_params", {}).get("train_rows")
+    return f"{label}, {rows}" if rows else label
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -44,6 +77,11 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{s['tokens']} | {s['seconds']:.0f} | {_f(s['tok_s'], 1)} | {s['rows']} |")
         L += [f"| all | {sum(s['units'] for s in sess)} | {sum(s['samples'] for s in sess)} | {tok} | {sec:.0f} | "
               f"{_f(tok / sec if sec else None, 1)} | |", ""]
+    fams = [f for f in (*BASELINES, "latent", "reference", "per_branch", "prompt_learning", "kl_budget")
+            if any(m["family"] == f for m in methods.values())]
+    L += ["**Families**: " + "; ".join(f"`{f}` = {family_label(methods, f)}" for f in fams)
+          + (f"; every point capped at top_k {next(iter(methods.values()))['sampling_params'].get('top_k')}"
+             if all(m["sampling_params"].get("top_k") for m in methods.values()) else ""), ""]
     for g, table in res["points"].items():
         sig = sorted({f for row in table.values() for f in row["esamp"] if f not in SIGNAL_SKIP})
         L += [f"**{TITLES.get(g, g)}**: per point, means over its prompts "
@@ -80,33 +118,58 @@ def markdown(res: dict[str, Any]) -> str:
               "segment counts; a point outside the curve names the knobs that dominate it (as coherent and as diverse "
               "or more).", "",
               "| point | curve | Δ Vendi, mean curve | out | Δ Vendi, per prompt (inside) | Δ mean cos, mean curve | "
-              "Δ clusters, mean curve |", "|---|---|---|---|---|---|---|"]
+              "Δ distinct-1, mean curve | Δ distinct-2, mean curve | Δ clusters, mean curve |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for base, rows in by.items():
             for nm, fs in rows.items():
                 v = fs["vendi"]
+                d = lambda f: _ci((fs.get(f) or {}).get("curve"))  # distinct-n: absent in analyses before it
                 L.append(f"| {nm} | {base} | {_ci(v['curve'])} | {_f(v['curve']['outside'], 2)} | "
                          f"{_ci(v['per_item'])} ({v['per_item']['inside']}/{v['per_item']['items']}) | "
-                         f"{_ci(fs['mean_cosine']['curve'])} | {_ci(fs['clusters']['curve'], 2)} |")
+                         f"{_ci(fs['mean_cosine']['curve'])} | {d('distinct_1')} | {d('distinct_2')} | "
+                         f"{_ci(fs['clusters']['curve'], 2)} |")
         L.append("")
     mr = res.get("matched_reasoning") or {}
     if mr:
-        L += [f"**Matched pass@{k}, reasoning**: ESamp point minus the temperature curve (pass@{k} against pass@1) "
-              "at the point's pass@1 (where pass@1 peaks at a middle T the curve folds back and its best segment "
+        L += [f"**Matched pass@{k}, reasoning**: ESamp point minus each baseline curve (pass@{k} against pass@1) "
+              "at the point's pass@1 (where pass@1 peaks at a middle knob the curve folds back and its best segment "
               "counts); paired bootstrap over problems; outside the curve: the knobs better on both", "",
-              f"| point | pass@1 | curve's pass@1 range | Δ pass@{k} | out |", "|---|---|---|---|---|"]
-        for nm, c in mr.items():
-            lo, hi = c["curve_x_range"]
-            L.append(f"| {nm} | {_f(c['point_x'])} | {_f(lo)}–{_f(hi)} | {_ci(c)} | {_f(c['outside'], 2)} |")
+              f"| point | curve | pass@1 | curve's pass@1 range | Δ pass@{k} | out |", "|---|---|---|---|---|---|"]
+        for base, by in mr.items():
+            for nm, c in by.items():
+                lo, hi = c["curve_x_range"]
+                L.append(f"| {nm} | {base} | {_f(c['point_x'])} | {_f(lo)}–{_f(hi)} | {_ci(c)} | "
+                         f"{_f(c['outside'], 2)} |")
         L.append("")
     if res.get("paired"):
         fields = sorted({f for row in res["paired"].values() for f in row},
                         key=lambda f: (not f.startswith("open-ended"), f.startswith("pass"), f))
         show = [f for f in fields if f.startswith("open-ended") and f.split()[-1] in ("vendi", "mean_cosine",
-                "log_median_perplexity", "repeated_4gram")] + [f for f in fields if f.startswith("pass")]
+                "distinct_1", "distinct_2", "log_median_perplexity", "repeated_4gram")] + \
+            [f for f in fields if f.startswith("pass")]
         L += ["**Paired differences** (per prompt / problem, mean [95% bootstrap interval])", "",
               "| comparison | " + " | ".join(show) + " |", "|---|" + "---|" * len(show)]
         for label, row in res["paired"].items():
             L.append(f"| {label} | " + " | ".join(_ci(row.get(f)) for f in show) + " |")
+        L.append("")
+    for name, fam in (res.get("multiplicity") or {}).items():
+        untested = [r for r in fam["rows"] if r["p_holm"] is None]
+        why = sorted({r.get("untested") or "no p" for r in untested})
+        L += [f"**Multiplicity, family “{name}”**: {fam['description']}. Holm's step-down correction over its "
+              f"m = {fam['m']} tested comparisons at family-wise α = {fam['alpha']:g} (statsmodels `multipletests`); "
+              f"p is two-sided, from the bootstrap distribution (twice the smaller tail share at 0, (count + 1) / "
+              f"(B + 1)); for a curve, over the resamples inside the curve. **{fam['survivors']} of {fam['m']} "
+              f"survive.**" + (f" Not tested ({'; '.join(why)}): {len(untested)}." if untested else "")
+              + ("" if fam.get("reachable", True) else
+                 f" **Warning**: with {fam['resamples']} resamples the smallest p, 2 / (B + 1), is not below α / m: "
+                 "nothing can survive; raise --resamples."), "",
+              "| comparison | metric | Δ [95% CI] | MDE | p | Holm p | survives |", "|---|---|---|---|---|---|---|"]
+        for r in fam["rows"]:
+            what = r.get("comparison") or f"{r['point']} − {r['baseline']} curve"
+            est = _ci(r) if r.get("mean") is not None else "outside the curve"
+            est += f" (not tested: {r['untested']})" if r.get("untested") and r.get("mean") is not None else ""
+            L.append(f"| {what} | {METRIC.get(r['metric'], r['metric'])} | {est} | {_f(r.get('mde'))} | {_p(r.get('p'))} | "
+                     f"{_p(r.get('p_holm'))} | {'**yes**' if r['survives'] else 'no'} |")
         L.append("")
     pw = res.get("power")
     if pw and pw["rows"]:
@@ -131,30 +194,36 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     panels = []
     if "open-ended" in res["points"]:
         panels += [("open-ended", "vendi", "Vendi (higher = more diverse)"),
-                   ("open-ended", "mean_cosine", "mean pairwise cosine (lower = more diverse)")]
+                   ("open-ended", "mean_cosine", "mean pairwise cosine (lower = more diverse)"),
+                   ("open-ended", "distinct_1", "distinct-1 across the n samples (higher = more diverse)"),
+                   ("open-ended", "distinct_2", "distinct-2 across the n samples (higher = more diverse)")]
     if res.get("reasoning_points"):
         panels.append(("reasoning", None, None))
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     marker = {"latent": "*", "reference": "D", "per_branch": "P", "prompt_learning": "X", "kl_budget": "s"}
-    for ax, (g, f, label) in zip(axes[0], panels):
+    for ax, (g, f, label) in zip(axes.flat, panels):
         if g == "reasoning":
             table, xf, yf = res["reasoning_points"], "pass@1", f"pass@{res['k']}"
         else:
             table, xf, yf = res["points"][g], "geo_median_perplexity", f
-        for fam in ("temperature", "min_p"):
+        for fam in BASELINES:
             names = sorted([nm for nm in table if methods[nm]["family"] == fam], key=lambda nm: methods[nm]["knob"])
             if names:
                 xs, ys = [table[nm][xf] for nm in names], [table[nm][yf] for nm in names]
-                ax.plot(xs, ys, marker="o", linestyle="--", label=FAMILY_LABEL[fam])
+                ax.plot(xs, ys, marker="o", linestyle="--", label=family_label(methods, fam))
                 for nm, x, y in zip(names, xs, ys):
                     ax.annotate(_knob(methods[nm]), (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
         for fam, mk in marker.items():
             names = [nm for nm in table if methods[nm]["family"] == fam]
             if names:
                 xs, ys = [table[nm][xf] for nm in names], [table[nm][yf] for nm in names]
-                ax.scatter(xs, ys, marker=mk, s=70, label=FAMILY_LABEL[fam], zorder=3)
+                ax.scatter(xs, ys, marker=mk, s=70, label=family_label(methods, fam), zorder=3)
                 for nm, x, y in zip(names, xs, ys):
                     ax.annotate(_knob(methods[nm]), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         if g == "reasoning":
@@ -173,7 +242,7 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
             lo, hi = min(r["items"] for r in table.values()), max(r["items"] for r in table.values())
             ax.set_title(f"{TITLES[g]} ({lo} prompts)" if lo == hi else f"{TITLES[g]} ({lo}–{hi} prompts per point)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,6 +19,9 @@ class Method:
     knob: float | None = None
     per_branch: bool = False
     parts: tuple[str, ...] = ()  # frontier: only these parts (empty: the family's default parts)
+    # frontier, FIRE (Chen et al., arXiv 2410.21236): the first token's sampling parameters (the
+    # rest of the answer is drawn with sampling_params); empty: one request for the whole answer
+    first_token: dict[str, Any] = field(default_factory=dict)
 
     @property
     def beta(self) -> float | None:

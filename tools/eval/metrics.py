@@ -127,17 +127,60 @@ class Perplexity:
         return [float(v) for v in per_seq.exp()]
 
 
+def bootstrap_p(dist: Sequence[float], null: float = 0.0) -> float:
+    """Two-sided p of `null` from a bootstrap distribution of a statistic: twice the smaller
+    tail share at or beyond `null`, each tail counted as (count + 1) / (B + 1) so that p is never
+    0 (the smallest p of B resamples is 2 / (B + 1)); non-finite resamples are left out. The
+    percentile interval at 1 - alpha excludes `null` where this p is below alpha (up to the +1)."""
+    d = np.asarray(dist, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return float("nan")
+    below, above = (np.sum(d <= null) + 1) / (d.size + 1), (np.sum(d >= null) + 1) / (d.size + 1)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[list[float], list[bool]]:
+    """Holm's step-down correction over one family (statsmodels `multipletests`, method "holm"):
+    the adjusted p of each hypothesis and whether it is rejected at family-wise error `alpha`.
+    NaN p-values (comparisons without a test, e.g. a point outside the curve) are not members
+    of the family: they get NaN and False, and do not count in m."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    adj, rej = np.full(p.shape, np.nan), np.zeros(p.shape, dtype=bool)
+    ok = np.isfinite(p)
+    if ok.any():
+        r, a, _, _ = multipletests(p[ok], alpha=alpha, method="holm")
+        adj[ok], rej[ok] = a, r
+    return [float(x) for x in adj], [bool(x) for x in rej]
+
+
+def t_interval(diff: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a mean (scipy.stats.t), beside the percentile bootstrap."""
+    from scipy.stats import t
+
+    d = np.asarray(diff, dtype=float)
+    if d.size < 2:
+        return float("nan"), float("nan")
+    half = float(t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict[str, float]:
     """Mean of a - b over paired items (problems or prompts), with a 95% percentile
-    bootstrap interval over items (scipy.stats.bootstrap)."""
+    bootstrap interval over items (scipy.stats.bootstrap) and the two-sided p of 0 from the
+    same bootstrap distribution (`bootstrap_p`)."""
     from scipy.stats import bootstrap
 
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     mean = float(diff.mean())
-    if len(diff) < 2 or np.all(diff == diff[0]):  # no spread: the interval is the point
-        return {"mean": mean, "low": mean, "high": mean, "items": len(diff)}
-    ci = bootstrap((diff,), np.mean, n_resamples=10000, method="percentile", random_state=seed).confidence_interval
-    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "items": len(diff)}
+    if len(diff) < 2 or np.all(diff == diff[0]):  # no spread: the interval is the point, nothing to test
+        return {"mean": mean, "low": mean, "high": mean, "items": len(diff), "p": 1.0 if mean == 0 else float("nan")}
+    res = bootstrap((diff,), np.mean, n_resamples=10000, method="percentile", random_state=seed)
+    ci = res.confidence_interval
+    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "items": len(diff),
+            "p": bootstrap_p(res.bootstrap_distribution)}
 
 
 def paired_vs_baseline(results: dict, baseline: str) -> dict[str, dict[str, dict[str, float]]]:

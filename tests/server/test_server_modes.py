@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 
 REFUSED = {
     "speculative-ngram": (["--speculative-algorithm", "NGRAM"], "speculative decoding", "--speculative-algorithm NGRAM"),

@@ -18,7 +18,7 @@ from test_server import bank, generate, wait_for
 
 @pytest.fixture(scope="module")
 def options_server(request, tiny_model, tmp_path_factory):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     dump = tmp_path_factory.mktemp("init")
     server = launch(tiny_model, esamp=True, env={"ESAMP_TEST_DUMP_INIT": str(dump)},

@@ -103,7 +103,7 @@ def request(temperature: float = 0.8, top_p: float = 0.95, top_k: int = -1, min_
     """A sampled request as SGLang's tokenizer hands it over (validated, group id stamped)."""
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from . import lifecycle
+    from sgl_esamp.patches import lifecycle
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             max_new_tokens=max_new_tokens, custom_params=dict(custom_params or {}))
@@ -142,7 +142,7 @@ class Harness:
     steps: int = field(default=0)
 
     def __post_init__(self) -> None:
-        from .sampler_backend import ESampBackend
+        from sgl_esamp.patches.sampler_backend import ESampBackend
 
         if self.backend is None:
             self.backend = ESampBackend()

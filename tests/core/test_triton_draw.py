@@ -127,6 +127,7 @@ def test_torch_reference_is_filter_then_fuse(kernel_module, d_over_temperature):
         assert torch.equal(ref.weights[row], cand.weights[row])
 
 
+@pytest.mark.slow
 def test_triton_draw_distribution(kernel_module):
     """Many draws of identical rows (one call, each row its own Philox counters) follow the
     normalised reference weights: a fused row, a min-p fused row, a β = 0 row, a greedy row.

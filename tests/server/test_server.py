@@ -5,7 +5,7 @@ import threading
 import pytest
 import requests
 
-from sgl_esamp.tools.traffic import server_state, wait_for
+from esamp_testing.traffic import server_state, wait_for
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a galaxy far away", "def fibonacci(n):"]
 

@@ -16,7 +16,7 @@ DP = 2
 
 @pytest.fixture(scope="module")
 def dp_server(request, tiny_model):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     # SGLang applies X-Override-* headers only with this variable set (request_headers.py)
     server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--dp-size", str(DP)],

@@ -186,7 +186,7 @@ def test_shard_bounds_are_the_ones_the_engine_gave():
 
 @pytest.fixture(scope="module")
 def tp_server(request, tiny_model):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--esamp-variants", "all", "--tp-size", str(WORLD)],
                     env={"ESAMP_TEST_FAULT_GROUP": "tp-faulty"})

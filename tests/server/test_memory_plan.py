@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 
 FREE_GB, FRACTION = 1.0, 0.25
 ARGS = ["--mem-fraction-static", str(FRACTION), "--max-total-tokens", str(10**9), "--max-running-requests", "32",

@@ -11,8 +11,8 @@ import torch
 
 import sgl_esamp.kernels.distiller as triton_distiller
 from sgl_esamp import DistillerBank
-from sgl_esamp.patches import harness
-from sgl_esamp.tools.launches import count_launches, esamp_step_model
+from esamp_testing import harness
+from esamp_testing.launches import count_launches, esamp_step_model
 
 VOCAB, HIDDEN, LAYERS = 1000, 64, 4
 BUDGET = 24  # launches ESamp may add to a decode step, per variant present (issue 17)

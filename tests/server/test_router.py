@@ -17,14 +17,14 @@ import requests
 
 import sglang as sgl
 import sgl_esamp.patches.frontend  # noqa: F401  (the one documented import)
-from sgl_esamp.patches.launch import free_port
+from sgl_esamp.tools.launch import free_port
 from sgl_esamp.patches.request_params import ROUTING_KEY_HEADER
 from test_server import bank
 
 
 @pytest.fixture(scope="module")
 def workers(request, tiny_model):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     servers = []
     for _ in range(2):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 
 SEED = ["--random-seed", "1234"]
 ROWS = 9

@@ -1,4 +1,6 @@
-"""Test-only hooks, switched on by environment variables in the server process.
+"""Test-only hooks, switched on by environment variables in the server process. This module is an
+SGLang plugin of its own (entry point `esamp_testing`), loaded only where the test support is
+installed; the product's plugin ships none of it.
 
 `ESAMP_TEST_DUMP_TAPS=<dir>`: every call of `Taps.states` (what a variant's Distiller is
 handed) is written to `<dir>/taps-<pid>-<n>.pt` (torch.save, n counting from 0 in call
@@ -109,7 +111,7 @@ def _install_dump_taps(directory: Path) -> None:
     import torch
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from .taps import Taps
+    from sgl_esamp.patches.taps import Taps
 
     original = Taps.states
     if getattr(original, "_esamp_dump", False):
@@ -136,7 +138,7 @@ def _install_dump_taps(directory: Path) -> None:
 def _install_dump_init(directory: Path) -> None:
     import torch
 
-    from .sampler_backend import ESampBackend
+    from sgl_esamp.patches.sampler_backend import ESampBackend
 
     original = ESampBackend.warm_up
 
@@ -152,7 +154,7 @@ def _install_dump_init(directory: Path) -> None:
 def _install_fault_group(group: str) -> None:
     import torch
 
-    from .sampler_backend import ESampBackend
+    from sgl_esamp.patches.sampler_backend import ESampBackend
 
     original = ESampBackend._capture
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from sgl_esamp.patches.launch import machine_args, server_env
+from sgl_esamp.tools.launch import machine_args, server_env
 
 ENGINE_ARGS = ["--sampler", "esamp", "--esamp-slots", "3", "--random-seed", "0",
                "--max-total-tokens", "65536", "--max-running-requests", "8"]

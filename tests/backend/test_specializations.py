@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from sgl_esamp.patches import harness
-from support.triton_targets import record_specializations
+from esamp_testing import harness
+from esamp_testing.triton_targets import record_specializations
 from test_backend import gpu_path, runtime  # noqa: F401  (the fixture: SGLang's runtime published, a random model)
 
 STEPS = 420

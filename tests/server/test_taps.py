@@ -58,7 +58,7 @@ def served(request, tmp_path_factory):
     """Start the server with the dump hook, run the requests, stop it; return what it saw."""
     from transformers import AutoConfig
 
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     fixture, source_layer = request.param
     model = Path(request.getfixturevalue(fixture))

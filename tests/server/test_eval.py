@@ -17,7 +17,7 @@ import pytest
 
 from sgl_esamp.tools.eval import creative, frontier, metrics, reasoning, writing
 from sgl_esamp.tools.eval.methods import PAIRED_BASELINE, TEMPERATURE, VARIANTS, methods
-from sgl_esamp.patches.launch import server_env
+from sgl_esamp.tools.launch import server_env
 
 
 def test_quick_run_outputs(tiny_model, tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sgl_esamp.patches.launch import server_command, server_env
+from sgl_esamp.tools.launch import server_command, server_env
 
 
 def run_launcher(*args, timeout=240):

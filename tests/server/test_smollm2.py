@@ -7,7 +7,7 @@ import pytest
 import sglang as sgl
 import sgl_esamp.patches.frontend  # noqa: F401
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 from test_server import bank, wait_for
 
 

@@ -18,7 +18,7 @@ POISONED = "poisoned-group"
 
 @pytest.fixture(scope="module")
 def faulty_server(request, tiny_model):
-    from sgl_esamp.patches.launch import launch
+    from sgl_esamp.tools.launch import launch
 
     server = launch(tiny_model, esamp=True, extra_args=["--esamp-slots", "8", "--esamp-variants", "all", "--enable-metrics"],
                     env={"ESAMP_TEST_FAULT_GROUP": POISONED})
@@ -69,11 +69,11 @@ def test_bank_figures_reach_prometheus(faulty_server):
 
 
 def test_mixed_traffic_with_disconnects_aborts_and_bad_input_leaves_no_trace(faulty_server):
-    """A bounded burst of what clients do at once (sgl_esamp.tools.traffic): n > 1, plain,
+    """A bounded burst of what clients do at once (esamp_testing.traffic): n > 1, plain,
     greedy, shared and distinct group ids, chat, streams the client cuts, /abort_request, bad
     custom_params, a faulting group. No 5xx, every bad input a 400 naming its field, and
     afterwards the bank and the member table are empty again."""
-    from sgl_esamp.tools.traffic import mixed_round
+    from esamp_testing.traffic import mixed_round
 
     before = bank(faulty_server)
     result = mixed_round(faulty_server.url, "burst", copies=3, distinct_groups=6, fault_group=POISONED)

@@ -7,7 +7,7 @@ import re
 import pytest
 import requests
 
-from sgl_esamp.patches.launch import launch
+from sgl_esamp.tools.launch import launch
 
 FAULT = {"ESAMP_TEST_KERNEL_FAULT": "_esamp_draw_kernel", "TRITON_INTERPRET": "1"}
 
@@ -17,7 +17,7 @@ def test_a_kernel_that_fails_at_warm_up_leaves_the_server_on_the_torch_path(tiny
         log = server.log_path.read_text(errors="replace")
         assert ("ESamp ERROR: the Triton path failed at warm-up, serving on the torch path instead: "
                 "Triton kernel _esamp_draw_kernel failed: NameError") in log, server.log_tail()
-        assert re.search(r"ESamp warm-up: \w+ and \w+ built and rehearsed in [\d.]+ s "
+        assert re.search(r"ESamp warm-up: latent built and rehearsed in [\d.]+ s "
                          r"\(torch path: the Triton path failed at warm-up", log)
         info = requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["esamp"]
         assert info["kernels"] == "torch" and "_esamp_draw_kernel" in info["kernels_reason"]

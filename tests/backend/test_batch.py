@@ -5,7 +5,7 @@ import pytest
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sgl_esamp.patches import batch as sglang_batch
-from sgl_esamp.patches import harness
+from esamp_testing import harness
 from test_backend import runtime  # noqa: F401  (the fixture: SGLang's runtime published, a random model)
 
 

@@ -1,1 +1,0 @@
-"""Test support shared by several tests (not product code)."""
