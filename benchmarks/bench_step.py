@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, filter_probs
+from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, filter_probs, tap_rows_for
 
 HAS_CUDA = torch.cuda.is_available()
 MODELS = {  # hidden -> fake decoder shape
@@ -129,8 +129,8 @@ class ESampArm:
         layout = s.decode_layout(s.assign_slots(self.rows), [s.config.beta] * len(self.rows))
         H = self.last.shape[1]
         # the latent variant's taps: the source block's output (aux column 0) and the final normed state
-        step = ESampStep(layout, s.ops.tap_rows(self.hidden, layout.sources, columns=(0, H)),
-                         s.ops.tap_rows(self.last, layout.sources))
+        tap = tap_rows_for(s.ops.distiller)
+        step = ESampStep(layout, tap(self.hidden, layout.sources, columns=(0, H)), tap(self.last, layout.sources))
         logits = self.logits.index_select(0, layout.batch_rows)  # before SGLang's in-place temperature
         probs = torch.softmax(self.logits / self.filters.temperatures.view(-1, 1), dim=-1)
         s.sample(step, probs, logits, self.filters, out=self.out)

@@ -5,7 +5,7 @@
 Both servers run at once (idle ones sleep, `--sleep-on-idle`), and each round times one
 batch of `rows` sampled rows on each arm in turn, so both arms see the same machine state.
 It prints generated tokens/s per arm and round, and whether this CPU reports native bf16
-(what `patches/launch.py` uses to pick float32).
+(what `tools/launch.py` uses to pick float32).
 """
 
 from __future__ import annotations

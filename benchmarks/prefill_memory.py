@@ -19,7 +19,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sgl_esamp import Candidates, ESampConfig, ESampSampler, ESampStep, PairRow, SampledRow
+from sgl_esamp import Candidates, ESampConfig, ESampSampler, ESampStep, PairRow, SampledRow, tap_rows_for
 
 
 def peak_bytes(fn) -> int:
@@ -42,7 +42,8 @@ def prefill_step(sampler: ESampSampler, hidden: torch.Tensor, last: torch.Tensor
     if not pairs:  # the last token is predicted to draw, not learnt
         pairs = [PairRow(tokens - 1, slot, False)]
     layout = sampler.layout(pairs, [SampledRow(0, len(pairs) - 1, 0.5)])
-    step = ESampStep(layout, sampler.ops.tap_rows(hidden, layout.sources), sampler.ops.tap_rows(last, layout.sources))
+    tap = tap_rows_for(sampler.ops.distiller)
+    step = ESampStep(layout, tap(hidden, layout.sources), tap(last, layout.sources))
     K = 64
     vocab = sampler.ops.lm_head_weight.shape[0]
     candidates = Candidates(torch.full((1, K), 1.0 / K), torch.arange(K).view(1, K) % vocab)

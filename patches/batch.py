@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 
+from sgl_esamp import VARIANTS, ESampConfig
 from sgl_esamp.plan import RowRecord
 
 from . import request_params
@@ -44,7 +45,7 @@ def records(schedule_batch: Any, forward_batch: Any) -> list[RowRecord]:
     decode batch one token per request."""
     reqs = schedule_batch.reqs
     extend = forward_batch.forward_mode.is_extend()
-    decoding = {req.rid for req in getattr(schedule_batch, "decoding_reqs", None) or ()}
+    decoding = {req.rid for req in schedule_batch.decoding_reqs or ()}
     if extend:
         lengths, prefixes = forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu
     else:
@@ -65,11 +66,22 @@ def records(schedule_batch: Any, forward_batch: Any) -> list[RowRecord]:
     return rows
 
 
-def reads_nothing(schedule_batch: Any) -> bool:
-    """Whether ESamp reads nothing of this batch's hidden states: a prefill of no request ESamp
-    samples, and no client asking for hidden states."""
-    return (schedule_batch.forward_mode.is_extend() and schedule_batch.return_hidden_states_mode == CaptureHiddenMode.NULL
-            and not any(request_esamp(req).enabled for req in schedule_batch.reqs))
+def reads_nothing(schedule_batch: Any, config: ESampConfig) -> bool:
+    """Whether ESamp reads nothing of this batch's hidden states: a prefill no client asks hidden
+    states of, whose ESamp requests neither learn their prompt nor have their first token fused
+    (the reference variant's, by default), and carrying no decode row."""
+    if not schedule_batch.forward_mode.is_extend() or schedule_batch.return_hidden_states_mode != CaptureHiddenMode.NULL:
+        return False
+    if schedule_batch.decoding_reqs:
+        return False
+    for req in schedule_batch.reqs:
+        params = request_esamp(req)
+        if params.enabled:
+            variant = VARIANTS[params.variant or config.variant]
+            pairs = config.prefill_pairs_for(variant) if params.prefill_pairs is None else params.prefill_pairs
+            if pairs > 0 or variant.fuses_first_token:
+                return False
+    return True
 
 
 def samples_tokens(req: Any, prefix_len: int, new_tokens: int, extend: bool) -> bool:
@@ -79,6 +91,15 @@ def samples_tokens(req: Any, prefix_len: int, new_tokens: int, extend: bool) -> 
     if req.sampling_params.max_new_tokens == 0:
         return False
     return not extend or prefix_len + new_tokens >= req.seqlen
+
+
+def prefill_only(forward_batch: Any) -> bool:
+    """A batch of prefill-only requests (SGLang's n > 1 warm-ups), which SGLang does not sample."""
+    return forward_batch.is_prefill_only
+
+
+def sampling_info(forward_batch: Any) -> Any:
+    return forward_batch.sampling_info
 
 
 def token_ids(forward_batch: Any) -> torch.Tensor:

@@ -11,7 +11,7 @@ from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from . import metrics, request_params
-from .batch import reads_nothing
+from .batch import prefill_only, reads_nothing
 from .sampler_backend import ESampBackend
 from .server_args import BACKEND, client_hidden_states_mode, esamp_config
 
@@ -49,7 +49,7 @@ def _learn_prefill_only(output, model_runner, forward_batch, *args, **kwargs):
     """SGLang does not sample a batch of prefill-only requests (the n > 1 warm-ups that cache a
     prompt before its samples start): their groups learn the prompt from its step all the same."""
     sampler = getattr(model_runner, "sampler", None)
-    if isinstance(sampler, ESampBackend) and forward_batch.is_prefill_only:
+    if isinstance(sampler, ESampBackend) and prefill_only(forward_batch):
         with sampler.stepping(model_runner, output.logits_output, forward_batch):
             pass
     return output
@@ -64,7 +64,7 @@ def _remember_batch(original, cls, batch, model_runner, *args, **kwargs):
     reqs = getattr(batch, "reqs", None)
     if sampler is None or reqs is None or model_runner.is_draft_worker:
         return original(cls, batch, model_runner, *args, **kwargs)
-    if kwargs.get("capture_hidden_mode") is None and reads_nothing(batch):
+    if kwargs.get("capture_hidden_mode") is None and reads_nothing(batch, sampler.config):
         kwargs["capture_hidden_mode"] = CaptureHiddenMode.NULL
         sampler.capture_skipped_batches += 1
     forward_batch = original(cls, batch, model_runner, *args, **kwargs)

@@ -31,6 +31,9 @@ DEFAULT_PREFILL_TOKENS = 8192  # when --chunked-prefill-size is unset or off
 def plan(config: ESampConfig, server_args: Any, hidden_size: int, vocab_size: int) -> dict[str, int]:
     """The bytes ESamp reserves on each rank: its state, and one step's workspace at most."""
     running = server_args.max_running_requests or DEFAULT_RUNNING_REQUESTS
+    if not server_args.max_running_requests:
+        logger.info("ESamp plans its workspace for %d running requests (--max-running-requests is unset: set it "
+                    "to plan for what the server will run)", running)
     chunk = server_args.chunked_prefill_size
     prefill = chunk if chunk and chunk > 0 else DEFAULT_PREFILL_TOKENS
     # a step's pair rows: every running request's decode row, and the prompt pairs its groups may learn

@@ -93,6 +93,7 @@ class Part:
     engine: ESampSampler
     step: ESampStep
     logits: Optional[torch.Tensor] = None  # [n, V] the sampled rows' logits before temperature
+    trained: bool = False  # its draw queued its training
 
     @property
     def rows(self) -> torch.Tensor:
@@ -135,8 +136,7 @@ class ESampBackend(Sampler):
         self.streams_checked = False
         ESampBackend.instances.append(self)
 
-    # -- wiring ----------------------------------------------------------------------------
-
+    # -- start-up: the kernel path, every served variant's bank, their rehearsal -------------------
     def _sampler(self, variant: Variant, config: ESampConfig, kernels: str, scratch: bool = False) -> ESampSampler:
         """An ESampSampler of `variant` for the loaded model: the server's engines, or the warm-up's
         scratch ones (which train in line: no stream of their own)."""
@@ -175,36 +175,53 @@ class ESampBackend(Sampler):
         if getattr(model_runner.model.lm_head, "bias", None) is not None:  # Llama and Qwen2 heads have none
             raise ValueError("--sampler esamp does not support a model whose LM head has a bias: ESamp's fusion "
                              "computes d = W_head[c]·ŷ, with no bias term")
-        requested = KernelPath.requested(model_runner.model.lm_head.weight.device)
-        try:
-            self._build(requested)
-        except Exception as error:  # a sampler must never take the server down: the torch path serves
-            if requested.name != "triton":
-                raise
-            if requested.strict:
+        kernels = KernelPath.requested(model_runner.model.lm_head.weight.device)
+        self.taps = self._taps(kernels.name)
+        failure = self._agreed(self._rehearse(kernels))
+        if failure is not None:  # a sampler must never take the server down: the torch path serves
+            if kernels.strict:
                 raise RuntimeError(f"ESamp: the Triton path failed at warm-up and {KERNELS_ENV}=triton makes that "
-                                   f"fatal: {error}") from error
-            logger.error("ESamp ERROR: the Triton path failed at warm-up, serving on the torch path instead: %s", error)
-            self._build(requested.fall_back(f"the Triton path failed at warm-up: {error}"))
+                                   f"fatal: {failure}") from failure
+            logger.error("ESamp ERROR: the Triton path failed at warm-up, serving on the torch path instead: %s", failure)
+            kernels = kernels.fall_back(f"the Triton path failed at warm-up: {failure}")
+            self.taps = self._taps(kernels.name)
+            if (failure := self._rehearse(kernels)) is not None:
+                raise failure
+        self.kernels = kernels
+        self.engines = {variant.name: self._sampler(variant, self.config, kernels.name) for variant in self.config.served}
         compiled = ""
-        if self.kernels.name == "triton":
+        if kernels.name == "triton":
             count = compiled_specializations()
             compiled = ", kernels interpreted" if count is None else f", {count} kernel specialisations compiled"
         logger.info("ESamp warm-up: %s built and rehearsed%s in %.2f s (%s path: %s)", " and ".join(self.engines),
-                    compiled, time.perf_counter() - start, self.kernels.name, self.kernels.reason)
+                    compiled, time.perf_counter() - start, kernels.name, kernels.reason)
 
-    def _build(self, kernels: KernelPath) -> None:
-        """The taps and every variant's engine on `kernels`, each variant's steps rehearsed."""
-        self.kernels, self.engines = kernels, {}
-        self.taps = self._taps(kernels.name)
+    def _rehearse(self, kernels: KernelPath) -> Optional[Exception]:
+        """Every served variant's steps rehearsed on `kernels` (sgl_esamp/rehearsal.py) by scratch samplers
+        built as the server's (the real banks stay untouched): what failed, on the Triton path (None: nothing)."""
         buffers = self._rehearsal_buffers()
         taps = {path: self._taps(path) for path in {kernels.name, "torch"}}
-        scratch = dataclasses.replace(self.config, num_slots=2, init="normal")  # the real banks stay untouched
-        for variant in self.config.served:
-            self.engines[variant.name] = self._sampler(variant, self.config, kernels.name)
-            rehearse(lambda path: self._sampler(variant, scratch, path, scratch=True),
-                     lambda path: (lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources)),
-                     kernels.name, self.model_runner.model_config.vocab_size)
+        scratch = dataclasses.replace(self.config, num_slots=2, init="normal")
+        try:
+            for variant in self.config.served:
+                rehearse(lambda path: self._sampler(variant, scratch, path, scratch=True),
+                         lambda path: lambda layout: taps[path].states(variant, buffers, buffers.input_ids, layout.sources),
+                         kernels.name, self.model_runner.model_config.vocab_size)
+        except Exception as error:
+            if kernels.name != "triton":
+                raise  # the torch path is the reference: its failure is a bug, not a fallback
+            return error
+        return None
+
+    def _agreed(self, failure: Optional[Exception]) -> Optional[Exception]:
+        """Under TP, every rank takes the path the others take: one rank's failure is all ranks'."""
+        if self.tp_size == 1:
+            return failure
+        failed = torch.tensor([failure is not None], dtype=torch.int32)
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX, group=get_parallel().tp_group.cpu_group)
+        if failed.item() and failure is None:
+            return RuntimeError("the Triton path failed at warm-up on another tensor-parallel rank")
+        return failure
 
     def _rehearsal_buffers(self) -> SimpleNamespace:
         """Synthetic capture buffers in the model's dtype, as an SGLang forward of PROMPT_ROWS tokens leaves them."""
@@ -244,10 +261,14 @@ class ESampBackend(Sampler):
         it) gets, once ESamp has read its own, the final states a stock server returns."""
         self.model_runner = model_runner
         given = self.inputs.pop(id(forward_batch), None) or batch.StepInput([], False)
-        self.step = self._begin(given.rows, logits_output, batch.token_ids(forward_batch), forward_batch.sampling_info)
+        self.step = self._begin(given.rows, logits_output, batch.token_ids(forward_batch),
+                                batch.sampling_info(forward_batch))
         try:
             yield self.step
         finally:
+            for part in self.step.parts if self.step else ():
+                if not part.trained:  # SGLang never reached the draw: the step's pairs train all the same
+                    part.engine.learn(part.step)
             self.step = None
         if given.client_hidden_states and logits_output.last_hidden_states is not None:
             logits_output.hidden_states = logits_output.last_hidden_states
@@ -307,6 +328,7 @@ class ESampBackend(Sampler):
         tokens = tokens.to(torch.int32)  # flashinfer's own dtype: no copy
         for part in step.parts:
             part.engine.sample(part.step, probs, part.logits, filters_of(sampling_info), out=tokens)
+            part.trained = True
         return tokens
 
     def _draw_jointly(self, step: BackendStep, probs, sampling_info, positions, simple: bool) -> torch.Tensor:
@@ -337,9 +359,9 @@ class ESampBackend(Sampler):
         for part in step.parts:
             # an engine fuses at most its cap of ranks: only those columns are read and written, the
             # rest of an ESamp row is zeroed in place (no copies of whole [rows, V] matrices)
-            fused = part.engine.fused_width(kept.weights.shape[1])
-            head, tail = kept.weights[:, :fused], kept.weights[:, fused:]
-            ours = Candidates(head.index_select(0, part.rows), kept.token_ids[:, :fused].index_select(0, part.rows))
+            width = part.engine.fused_width(kept.weights.shape[1])
+            head, tail = kept.weights[:, :width], kept.weights[:, width:]
+            ours = Candidates(head.index_select(0, part.rows), kept.token_ids[:, :width].index_select(0, part.rows))
             head.index_copy_(0, part.rows, self._fuse(part, ours, filters).weights)
             tail.index_fill_(0, part.rows, 0.0)
         if seed is None:
@@ -352,7 +374,9 @@ class ESampBackend(Sampler):
     def _fuse(part: Part, kept: Candidates, filters: Filters) -> Candidates:
         """Predict, fuse the kept set and queue training, for one variant's sampled rows."""
         z = part.logits.gather(1, kept.token_ids)
-        return part.engine.fuse(part.step, kept, z, filters.temperatures.view(-1).index_select(0, part.rows))
+        fused = part.engine.fuse(part.step, kept, z, filters.temperatures.view(-1).index_select(0, part.rows))
+        part.trained = True
+        return fused
 
     def _sync_token_ids_across_tp(self, batch_next_token_ids: torch.Tensor, sampling_info: Any) -> None:
         """Under TP, always (SGLang does it only on request): every rank takes the smallest id

@@ -133,6 +133,9 @@ def _refuse_unsupported(server_args: Any) -> None:
         refuse(f"--disaggregation-mode {view.disaggregation_mode}", "prefill-decode disaggregation yet (a group's "
                                                                     "prompt and its decode steps would train "
                                                                     "Distillers on different servers)")
+    if view.rl_on_policy_target is not None:
+        refuse(f"--rl-on-policy-target {view.rl_on_policy_target}", "RL on-policy sampling (SGLang then draws from "
+                                                                      "log-probabilities, past the sampler ESamp fuses in)")
     if view.pp_size > 1:
         refuse(f"--pp-size {view.pp_size}", "pipeline parallelism (the capture sees only the last stage's layers)")
     if view.enable_return_aux_hidden_states or view.return_aux_hidden_state_layer_ids is not None:

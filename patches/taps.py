@@ -28,10 +28,17 @@ from sgl_esamp.ops import tap_rows_for
 from sgl_esamp.variants import FINAL_NORMED, FIRST_LAYER_INPUT_NORMED, LAST_LAYER_INPUT_NORMED, SOURCE_BLOCK_OUTPUT
 
 
+def captured_layers(config: ESampConfig, num_layers: int) -> dict[str, int]:
+    """The SGLang aux-capture id of each tap the served variants read from the capture (id i
+    captures the residual entering layer i+1)."""
+    layer_of = {SOURCE_BLOCK_OUTPUT: config.resolve_source_layer(num_layers), LAST_LAYER_INPUT_NORMED: num_layers - 2}
+    return {tap: layer_of[tap] for variant in config.served for tap in (variant.source, variant.target)
+            if tap in layer_of}
+
+
 def capture_layer_ids(config: ESampConfig, num_layers: int) -> list[int]:
-    """SGLang aux-capture ids (id i captures the residual entering layer i+1) the served variants' taps need."""
-    needed = {SOURCE_BLOCK_OUTPUT: config.resolve_source_layer(num_layers), LAST_LAYER_INPUT_NORMED: num_layers - 2}
-    return sorted({needed[tap] for variant in config.served for tap in (variant.source, variant.target) if tap in needed})
+    """SGLang aux-capture ids the served variants' taps need, in the order SGLang packs them."""
+    return sorted(set(captured_layers(config, num_layers).values()))
 
 
 class Taps:
@@ -51,8 +58,7 @@ class Taps:
         self.hidden_size = self.embedding.shape[1]
         ids = capture_layer_ids(config, num_layers)
         self.width = len(ids) * self.hidden_size  # of SGLang's captured hidden_states
-        layer_of = {SOURCE_BLOCK_OUTPUT: config.resolve_source_layer(num_layers), LAST_LAYER_INPUT_NORMED: num_layers - 2}
-        self.columns = {tap: ids.index(layer) for tap, layer in layer_of.items() if layer in ids}
+        self.columns = {tap: ids.index(layer) for tap, layer in captured_layers(config, num_layers).items()}
         self.tap_rows = tap_rows_for(kernels)
 
     def target_norm_weight(self, variant: Variant) -> torch.Tensor:

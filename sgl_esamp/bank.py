@@ -72,7 +72,7 @@ class GroupBank:
         self.stats = BankStats()
         self.evicted: OrderedDict[Hashable, int] = OrderedDict()  # evicted group -> times, bounded
 
-    # -- per decode step ----------------------------------------------------------------
+    # -- per step ----------------------------------------------------------------------------
     def begin_step(self) -> None:
         self.step += 1
 

@@ -157,6 +157,12 @@ class ESampConfig:
         """The Distiller initialisation a group of `variant` starts from."""
         return variant.init if self.init == "auto" else self.init
 
+    def fused_width(self, ranks: int) -> int:
+        """How many of a row's `ranks` most probable candidates fusion looks at: `max_candidates`
+        (0: all), which bounds the LM-head gather. The one place the cap is applied."""
+        cap = self.max_candidates
+        return cap if 0 < cap < ranks else ranks
+
     def prefill_pairs_for(self, variant: Variant) -> int:
         """The most prompt pairs a group of `variant` learns from one prefill."""
         return variant.prefill_pairs if self.prefill_pairs is None else self.prefill_pairs

@@ -50,6 +50,7 @@ class SampledRow(NamedTuple):
 
 
 ROW_TILE = 16  # pair rows per program of the Distiller's row kernels (tl.dot's smallest tile)
+COLUMN_BLOCK = 128  # hidden columns per program of its column-blocked kernels (a partial sum pair each)
 
 
 class StepLayout(NamedTuple):
@@ -59,7 +60,7 @@ class StepLayout(NamedTuple):
     segment: torch.Tensor  # [M] segment of each pair row
     position: torch.Tensor  # [M] its row within the segment
     distinct: torch.Tensor  # [D] slot of each segment
-    fresh: torch.Tensor  # [D] 1: the slot was (re)assigned to its group this step and starts from init
+    fresh: torch.Tensor  # [D] 1: the slot's group has not stepped there yet: it starts from init
     starts: torch.Tensor  # [D + 1] first pair row of each segment
     learn_counts: torch.Tensor  # [D] learnt rows of each segment (its first ones)
     tile_segments: torch.Tensor  # [T] segment of each tile: ROW_TILE consecutive pair rows of one segment
@@ -101,7 +102,7 @@ class StepLayout(NamedTuple):
             starts.append(starts[-1] + count)
         tiles = [(d, starts[d] + first) for d, count in enumerate(counts) for first in range(0, count, ROW_TILE)]
         sampled_pairs = [new_index[row.pair] for row in sampled]
-        fields = {  # PACKED's order
+        fields = {
             "sources": [pairs[i].source for i in order], "segment": segment, "position": position,
             "distinct": distinct, "fresh": [int(slot in fresh_slots) for slot in distinct], "starts": starts,
             "learn_counts": learn_counts, "tile_segments": [d for d, _ in tiles], "tile_rows": [row for _, row in tiles],
@@ -109,7 +110,9 @@ class StepLayout(NamedTuple):
             "sampled_segments": [segment[p] for p in sampled_pairs],
         }
         betas = torch.tensor([row.beta for row in sampled], dtype=torch.float64).view(torch.int64)  # bits, not a cast
-        flat = torch.cat([torch.tensor([v for name in fields for v in fields[name]], dtype=torch.int64), betas])
+        assert fields.keys() == PACKED.keys() - {"betas"}
+        ints = [value for name in PACKED if name != "betas" for value in fields[name]]
+        flat = torch.cat([torch.tensor(ints, dtype=torch.int64), betas])
         return flat, Shape(len(pairs), len(distinct), len(sampled), len(tiles), max(counts, default=0))
 
     @classmethod

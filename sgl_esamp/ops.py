@@ -58,8 +58,8 @@ class KernelPath(NamedTuple):
         return cls(choice, choice == "triton", f"{KERNELS_ENV}={choice}")
 
     def fall_back(self, reason: str) -> "KernelPath":
-        """The torch path, taken because the kernels failed (`reason`)."""
-        return KernelPath("torch", False, reason)
+        """The torch path, taken instead of this one because the kernels failed (`reason`)."""
+        return self._replace(name="torch", strict=False, reason=reason)
 
 
 class Forward(NamedTuple):
@@ -90,7 +90,6 @@ class StepOps:
         row the draw looks at (its K: ESampSampler.fused_width); seed: of the draw's randomness."""
         self.lm_head_weight = lm_head_weight
         self.vocab_shard = vocab_shard
-        self.tap_rows = tap_rows_for(path)  # the gathers of an engine's taps on this path
         self.d_over_temperature = d_over_temperature
         device = lm_head_weight.device
         self.seed = seed

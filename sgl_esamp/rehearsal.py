@@ -10,8 +10,8 @@ exactly as its own (the same LM head, taps, dtypes and settings), so that:
   steps: a kernel that compiles but computes something else never serves (KernelMismatch).
 
 The script: a decode step of two rows of one group; a prompt of 20 pair rows learnt by a second
-group, none sampled (two row tiles); a decode step of both groups; then the fusion of that
-step's rows as an engine that draws them itself (the joint draw) asks for it.
+group, none sampled (two row tiles); a decode step of both groups;
+then the fusion of that step's rows as an engine that draws them itself (the joint draw) asks for it.
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from .layout import PairRow, SampledRow, StepLayout
+from .layout import PairRow, StepLayout
 from .sampler import ESampSampler
 from .step import ESampStep, Filters
 
 Tap = Callable[[StepLayout], tuple[torch.Tensor, torch.Tensor]]  # (x, y) of a layout's pair rows
 PROMPT_ROWS = 20
-RTOL, ATOL = 1e-3, 1e-4  # the GPU tests' tolerances for a few training steps (tests/gpu)
+# The paths agree when ‖ours − theirs‖ ≤ RTOL·‖theirs‖ over each whole result, a norm and not
+# elementwise: Adam's first steps move a weight by about ±lr whatever its gradient's size, so
+# a gradient within rounding of 0 may step either way on either path (one element in a million
+# at ±lr is nothing against the norm); a wrong kernel is off by the order of the result itself.
+RTOL = 1e-2
 
 
 class KernelMismatch(RuntimeError):
@@ -64,7 +68,7 @@ def script(sampler: ESampSampler, tap: Tap, vocab: int, seed: int = 0) -> dict[s
 
     decode([("first", 0), ("first", 1)], beta=0.5)
     (slot,) = sampler.assign_slots([("second", 0)])
-    prompt = sampler.layout([PairRow(i, slot, True) for i in range(PROMPT_ROWS)], [SampledRow(0, PROMPT_ROWS - 1, 0.5)])
+    prompt = sampler.layout([PairRow(i, slot, True) for i in range(PROMPT_ROWS)])
     sampler.learn(ESampStep(prompt, *tap(prompt)))
     step, logits, filters = decode([("first", 0), ("first", 1), ("second", 0)], beta=0.8)
     kept = sampler.keep(torch.softmax(logits / filters.temperatures, dim=-1), filters)
@@ -72,9 +76,11 @@ def script(sampler: ESampSampler, tap: Tap, vocab: int, seed: int = 0) -> dict[s
     sampler.trainer.wait()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {"Distiller weights (forward, gradient and AdamW kernels)": sampler.distillers.flat.clone(),
-            "slot statistics (draw and decide kernels)": sampler.trainer.stats.clone(),
-            "fused weights (fusion kernel)": fused.weights / fused.weights.sum(-1, keepdim=True)}
+    bank = sampler.distillers
+    # the most direct witness of each kernel first: the first disagreement is the one reported
+    return {"Distiller weights' moves (forward, gradient and AdamW kernels)": bank.flat - bank.init_flat,
+            "fused weights (fusion kernel)": fused.weights / fused.weights.sum(-1, keepdim=True),
+            "slot statistics (draw and decide kernels)": sampler.trainer.stats.clone()}
 
 
 @contextlib.contextmanager
@@ -98,7 +104,8 @@ def rehearse(make: Callable[[str], ESampSampler], tap_for: Callable[[str], Tap],
     with _ieee_matmuls():
         reference = script(make("torch"), tap_for("torch"), vocab)
     for what, value in ours.items():
-        try:
-            torch.testing.assert_close(value, reference[what], rtol=RTOL, atol=ATOL, equal_nan=True)
-        except AssertionError as error:
-            raise KernelMismatch(f"the Triton path's {what} disagree with the torch path's: {error}") from None
+        theirs = reference[what].to(value.dtype)
+        off, scale = torch.linalg.vector_norm(value - theirs), torch.linalg.vector_norm(theirs)
+        if not off <= RTOL * scale:  # NaN fails too
+            raise KernelMismatch(f"the Triton path's {what} disagree with the torch path's: relative error "
+                                 f"{float(off / scale):.3g} (at most {RTOL:g})")

@@ -1,22 +1,22 @@
 """ESampSampler: one step of Exploratory Sampling for one variant's rows.
 
-On the host (before the step): `assign_slots` gives each group a slot (a Distiller), and
-`layout` lays the step's rows out by slot in one packed copy (layout.py). On the device, a
-step reads top to bottom:
+On the host (before the step): the plan (plan.py) leases each group a slot, a Distiller, from
+the sampler's bank (bank.py), and `layout` lays the step's rows out by slot in one packed copy
+(layout.py). On the device, a step reads top to bottom:
 
   1. capture  the engine taps the variant's (x, y) for the pair rows (`tap_rows`);
   2. predict  ŷ = Distiller_slot(x) for every pair row, after the last training step has
               landed (a stream wait, never a host wait);
   3. keep     SGLang's candidate set of softmax(z / T) under top-k/top-p/min-p;
-  4. fuse     d = W_head[c] · ŷ on the candidates, q ∝ p · exp(β (z - s·d) / T);
+  4. fuse     d = W_head[c] · ŷ on the candidates, reweighted as fusion.py states;
   5. draw     one token per sampled row, and the row's novelty signal;
   6. train    queue one optimizer step per slot on the learnt pairs, starting from step 2's
               forward, with the step's faults and signal (side stream; resets decided there).
 
 `sample` does 3-5 in one fused keep-fuse-draw (one Triton kernel on a GPU); `fuse` does 4
 for an engine that keeps and draws all its rows in one call of its own; `learn` is 2 and 6
-for pairs seen without sampling (a prompt prefilled alone). ops.py picks the torch path or
-the kernels for each part. One ESampSampler serves one variant (variants.py).
+for pairs seen without sampling (a prompt prefilled alone). Its StepOps (ops.py) runs each
+part on the torch path or the kernels. One ESampSampler serves one variant (variants.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class ESampSampler:
     # -- host side: slots and the layout ------------------------------------------------
     def assign_slots(self, rows: Sequence[tuple[Hashable, Hashable]]) -> list[Optional[int]]:
         """A step's slots for (group, member) rows, leased from the bank; None: plain-sampling
-        fallback (plan.py leases them itself; tests and benchmarks use this)."""
+        fallback (plan.py leases them itself; the warm-up's rehearsal, tests and benchmarks use this)."""
         self.groups.begin_step()
         leases = [self.groups.lease(group, member) for group, member in rows]
         return [None if lease is None else lease.slot for lease in leases]
@@ -121,10 +121,8 @@ class ESampSampler:
 
     # -- the candidates fusion looks at ---------------------------------------------------
     def fused_width(self, ranks: int) -> int:
-        """How many of a row's `ranks` most probable candidates fusion looks at: the config's
-        `max_candidates` cap (0: all), which bounds the LM-head gather. The one place it is applied."""
-        cap = self.config.max_candidates
-        return cap if 0 < cap < ranks else ranks
+        """How many of a row's `ranks` most probable candidates fusion looks at (the config's cap)."""
+        return self.config.fused_width(ranks)
 
     def keep(self, probs: torch.Tensor, filters: Filters) -> Candidates:
         """SGLang's kept set of probability rows [n, V] (`filters` of the same rows), at most

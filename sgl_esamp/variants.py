@@ -1,15 +1,19 @@
 """ESamp variants: which hidden states feed the Distiller, what it predicts, how d enters the logits.
 
-Two recipes share the Distiller, the bank and the sampler; they differ in the five places
-that decide whether the novelty signal survives online training:
+Two recipes share the Distiller, the bank and the sampler; they differ in the places that
+decide whether the novelty signal survives online training, and in how closely they follow
+the authors' code (which rows train, the prompt, the first token; README "Variants"):
 
 | | `reference` (the authors' code, LinesHogan/tLLM) | `latent` (this project's first design) |
 |---|---|---|
 | source x | normed input of layer 0: RMSNorm_0(embedding) | residual after block `source_layer` |
 | target y | normed input of the last block: RMSNorm_{L-1}(h_{L-1}) | final post-norm state (the LM head's input) |
-| fusion | (1 + β) z / T − β d  (only z is scaled by 1/T) | ((1 + β) z − β d) / T |
+| fusion (fusion.py) | only z is divided by T (d_over_temperature False) | d is divided by T with z |
 | init | A, G, B ~ N(0, 0.02²), gate bias 1, LN gain 1, bias 0 | B = 0, LN gain = final norm weight |
 | optimizer | AdamW, weight decay 0.01 | Adam, no decay |
+| decode rows that train | the group's first live member's | every member's |
+| prompt pairs learnt | none | the last 256 |
+| the prefill's token | drawn plainly | fused |
 
 with d = W_head[c] · ŷ on the candidates c. The latent target is what the LM head reads,
 so as the Distiller learns, d → z and the signal vanishes; the reference target sits one

@@ -7,15 +7,15 @@ bank `rows [S + 1, P]` (S slots and a spare row), row-major in this order:
     A [H, r] @ 0 | G [H, r] @ H·r | b [r] @ 2·H·r | B [r, H] @ 2·H·r + r | gain [H] @ 3·H·r + r | bias [H]
 
 A step's rows x [M, H] are sorted by segment (layout.py): segment d owns rows starts[d] ..
-starts[d+1]-1, uses slot distinct[d] (or the flat `init` row when fresh[d], the slot being
-reassigned this step) and learns from its first learn_counts[d] rows. Kernels read every
+starts[d+1]-1, uses slot distinct[d] (or the flat `init` row when fresh[d]: the slot's group
+has not stepped there yet) and learns from its first learn_counts[d] rows. Kernels read every
 segment's weights straight from the bank (no gathered [D, P] copy).
 
 Grids. The host cuts every segment into tiles of ROW_TILE (16) rows (layout.tile_segments,
 tile_rows); each row kernel runs one program per tile and per block of ranks or of hidden
 columns, so one group's 256 rows spread over 16 × (r / 32 or H / 128) programs, and a step
 of many small groups over as many tiles. Grids are host ints (tiles, H, r) and every
-constexpr depends on r alone, so a server compiles each kernel once, whatever its traffic.
+constexpr is a module constant, so a server compiles each kernel once, whatever its traffic.
 
 Math (per row, slot parameters p):
     up = x A,  gate = x G + b,  h = up ⊙ SiLU(gate),  u = x + h B,
@@ -53,14 +53,14 @@ import triton.language as tl
 
 from . import launch
 from ..distiller import DistillerBank
-from ..layout import StepLayout
+from ..layout import COLUMN_BLOCK, StepLayout
 from .constants import LN_EPS, ROW_TILE
 
 MAX_RANK = 1024  # the tested contract; the kernels chunk over r, so larger ranks only cost time
 DOT_PRECISION = "ieee"
 DOT_K = 16  # contraction chunk of every tl.dot (its minimum): an FMA dot keeps it in registers
 BLOCK_R = 32  # ranks per program of the row kernels: r = 64 spreads a tile over 2 programs
-BLOCK_H = 128  # hidden columns per program of the column-blocked forward kernels
+BLOCK_H = COLUMN_BLOCK  # hidden columns per program of the column-blocked forward kernels
 SLOT_BLOCK_H = 32  # the per-slot reduction's gradient tile: [SLOT_BLOCK_H, BLOCK_R]
 # index arrays of the packed layout: views at any offset, read one value at a time
 LAYOUT_POINTERS = ["distinct_ptr", "fresh_ptr", "starts_ptr", "learn_ptr", "tile_segments_ptr", "tile_rows_ptr"]

@@ -6,7 +6,7 @@ Given the engine's probabilities p = softmax(z / T) for each row's K most probab
     1. applies top-k, top-p and min-p on the K ranks (the kept set of filter_probs), with the
        row's settings read from the batch's own tensors;
     2. gathers the LM-head rows of kept tokens only and dots them with ŷ: d = W_head[c]·ŷ;
-    3. reweights: w = p · exp(β (z - s·d) / T - max), 0 off the kept set (fusion.reweight),
+    3. reweights p as fusion.py states (fusion.reweight), 0 off the kept set,
        with z read from the row's logits at the candidates' ids;
     4. draws one rank ∝ w from Philox randomness (tl.rand) and writes its token id into the
        batch's output row (∝ the plain kept p instead, flagged as a fault, if w is not usable);

@@ -163,8 +163,10 @@ class Driver:
         return group_rows(n, n if grouping == "one group" else 4)
 
     def taps_of(self, s, layout, engine, H):
-        return (s.ops.tap_rows(engine.hidden, layout.sources, columns=(0, H)),
-                s.ops.tap_rows(engine.last, layout.sources))
+        from sgl_esamp import tap_rows_for
+
+        tap = tap_rows_for(s.ops.distiller)
+        return tap(engine.hidden, layout.sources, columns=(0, H)), tap(engine.last, layout.sources)
 
     # -- the steps ----------------------------------------------------------------------------
     def decode(self, s, n, grouping, H, V, dtype):
@@ -202,15 +204,17 @@ class Driver:
     def taps(self, s, n, H, V, dtype):
         """The variants' taps as patches/taps.py reads them: the aux capture [n, 2H] at columns
         0 and H (with the norm, and without), the final-normed states, the embedding by token id."""
+        from sgl_esamp import tap_rows_for
+
         layout = s.decode_layout(s.assign_slots(self.rows(n, "one group")), [0.5] * n)
         weight = self.tensor(H, dtype=dtype, fill=1.0)
         aux = self.tensor(n, 2 * H, dtype=dtype)
+        tap = tap_rows_for(s.ops.distiller)
         for column in (0, 1):
-            s.ops.tap_rows(aux, layout.sources, columns=(column * H, H), norm=(weight, 1e-6))
-            s.ops.tap_rows(aux, layout.sources, columns=(column * H, H))
-        s.ops.tap_rows(self.tensor(n, H, dtype=dtype), layout.sources)
-        s.ops.tap_rows(self.tensor(V, H, dtype=dtype), layout.sources, ids=self.tensor(n, dtype="int64", fill=1),
-                       norm=(weight, 1e-6))
+            tap(aux, layout.sources, columns=(column * H, H), norm=(weight, 1e-6))
+            tap(aux, layout.sources, columns=(column * H, H))
+        tap(self.tensor(n, H, dtype=dtype), layout.sources)
+        tap(self.tensor(V, H, dtype=dtype), layout.sources, ids=self.tensor(n, dtype="int64", fill=1), norm=(weight, 1e-6))
 
 
 def sweep(drive: Driver, rec) -> None:

@@ -79,5 +79,5 @@ def test_a_steps_allocations_stay_within_the_workspace_bound(monkeypatch):
         probs = torch.softmax(logits / 0.8, -1)
         with Allocations(monkeypatch) as allocated:
             sampler.sample(step, probs, logits, filters, out=torch.zeros(48, dtype=torch.int32))
-        bound = memory.workspace_bytes(config, H, V, rows=48, sampled=48)
+        bound = memory.step_bytes(config, H, V, rows=48, sampled=48)
         assert bound / 2 < allocated.bytes <= bound, (allocated.bytes, bound)  # a bound, and not a loose one

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters
+from sgl_esamp import ESampConfig, ESampSampler, ESampStep, Filters, tap_rows_for
 
 TOP_K_ALL = 1 << 30
 
@@ -55,8 +55,9 @@ def backend_step(sampler: ESampSampler, buffers: EngineBuffers, rows: list, filt
     sample() writing the batch's output."""
     layout = sampler.decode_layout(sampler.assign_slots(rows), [beta] * len(rows))
     H = buffers.last.shape[1]
-    shallow = sampler.ops.tap_rows(buffers.hidden, layout.sources, columns=(0, H))
-    deep = sampler.ops.tap_rows(buffers.last, layout.sources)
+    tap = tap_rows_for(sampler.ops.distiller)  # the taps' path: the sampler's
+    shallow = tap(buffers.hidden, layout.sources, columns=(0, H))
+    deep = tap(buffers.last, layout.sources)
     logits = buffers.logits.index_select(0, layout.batch_rows)
     probs = torch.softmax(buffers.logits / filt.temperatures.view(-1, 1), dim=-1)
     return sampler.sample(ESampStep(layout, shallow, deep), probs, logits, filt, out=out)

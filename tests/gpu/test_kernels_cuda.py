@@ -77,7 +77,10 @@ def test_a_training_step_of_the_kernels_matches_the_torch_path_on_the_gpu():
         for s in (torch_path, kernel_path):
             backend_step(s, buffers, rows, filt)
     torch.cuda.synchronize()
-    a, b = torch_path.distillers.flat, kernel_path.distillers.flat
-    assert torch.isfinite(b).all() and not torch.equal(b, kernel_path.distillers.init_flat.expand_as(b))
-    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)  # three AdamW steps: ~lr-sized moves, fp32 sums apart
+    init = kernel_path.distillers.init_flat
+    a, b = torch_path.distillers.flat - init, kernel_path.distillers.flat - init  # the weights' moves
+    assert torch.isfinite(b).all() and b.abs().max() > 0
+    # a norm, not elementwise: Adam's first steps move a weight by about ±lr whatever its gradient,
+    # so a gradient within rounding of 0 may step either way on either path
+    assert torch.linalg.vector_norm(b - a) <= 1e-2 * torch.linalg.vector_norm(a)
     torch.testing.assert_close(kernel_path.trainer.stats, torch_path.trainer.stats, rtol=1e-3, atol=1e-5)

@@ -168,13 +168,16 @@ def test_esamp_on_a_server_without_esamp_says_how_to_start_it(non_esamp_server):
 
 def test_a_prefill_esamp_reads_nothing_of_skips_the_hidden_state_capture(esamp_server):
     """Plain and greedy prompts on an ESamp server are prefilled without the capture (the
-    capture-only cost of plain traffic); a prompt ESamp samples is captured."""
+    capture-only cost of plain traffic), and so is a reference-variant prompt (it learns no
+    prompt pair and draws its first token plainly); a latent prompt, which it learns, is captured."""
     skipped = lambda: bank(esamp_server)["capture_skipped_batches"]  # noqa: E731
     before = skipped()
     generate(esamp_server, "A plain prompt, not captured", max_new_tokens=2, custom_params={"sampling": "plain"})
     generate(esamp_server, "A greedy prompt, not captured either", max_new_tokens=2, temperature=0.0)
+    ref = generate(esamp_server, "A reference prompt, not captured", max_new_tokens=3, custom_params={"variant": "reference"})
+    assert ref["meta_info"]["esamp"]["train_pairs"] == 2  # its two decode steps are learnt, its prompt is not
     plain = skipped()
-    assert plain - before == 2
+    assert plain - before == 3
     out = generate(esamp_server, "An ESamp prompt, captured", max_new_tokens=2)
     assert out["meta_info"]["esamp"]["train_pairs"] > 0  # its prompt was learnt: its states were there
     assert skipped() == plain

@@ -22,6 +22,7 @@ REFUSED = {
     "pd-decode": (["--disaggregation-mode", "decode"], "prefill-decode disaggregation",
                   "--disaggregation-mode decode"),
     "pipeline": (["--pp-size", "2"], "pipeline parallelism", "--pp-size 2"),
+    "rl-on-policy": (["--rl-on-policy-target", "fsdp"], "RL on-policy sampling", "--rl-on-policy-target fsdp"),
     "aux-capture": (["--enable-return-aux-hidden-states", "--speculative-algorithm", "EAGLE3"],
                     "speculative decoding", "--speculative-algorithm EAGLE3"),
 }

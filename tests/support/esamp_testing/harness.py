@@ -2,7 +2,7 @@
 own ServerArgs (with the plugin loaded), its runtime context, its `SamplingBatchInfo`,
 `LogitsProcessorOutput` and `ForwardMode`, and a batch of requests with SGLang's own
 `SamplingParams`. For tests and benchmarks that must measure the path the server takes
-(benchmarks/launches.py, tests/test_backend.py) without a server around it.
+(benchmarks/launches.py, tests/backend/test_backend.py) without a server around it.
 
 The model is a model's real weights where the caller has them (`Model.from_pretrained`, through
 transformers: the same module layout as SGLang's Llama) or random weights of chosen shapes

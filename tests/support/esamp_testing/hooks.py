@@ -16,7 +16,7 @@ order) as a dict:
   x, y          [rows, H] float32, the (shallow, deep) states `states` returned
 
 so a test can line every row up with a reference forward over the request's tokens
-(tests/test_taps.py). The forward batch is that of the `ModelRunner.forward` or
+(tests/server/test_taps.py). The forward batch is that of the `ModelRunner.forward` or
 `ModelRunner.sample` call running (held by AROUND hooks this module registers, outside the
 plugin's own, so also during their AFTER hooks); the row's request follows from
 SGLang's layout: an extend batch lays its requests' new tokens out one request after
@@ -28,18 +28,18 @@ weights (the flat row every slot starts from, and the shapes of its parts) are w
 
 `ESAMP_TEST_FAULT_GROUP=<group id>`: every step writes NaN into the shallow states of that
 group's pair rows (a Distiller fault as NaN/Inf activations would cause it), to check that a
-faulty group samples plainly and restarts while the others train on (tests/test_reliability.py).
+faulty group samples plainly and restarts while the others train on (tests/server/test_reliability.py).
 
 `ESAMP_TEST_KERNEL_FAULT=<kernel>`: the named Triton kernel (e.g. `_esamp_draw_kernel`) fails to
 compile, as the draw kernel once did on every GPU (a module float read inside it), and the
 warm-up chooses its kernel path as on a GPU (ESAMP_KERNELS=auto: Triton, falling back to the
 torch path; ESAMP_KERNELS=triton: Triton, the failure fatal), with the other kernels under
-Triton's interpreter (tests/test_kernel_fallback.py).
+Triton's interpreter (tests/server/test_kernel_fallback.py).
 
 `ESAMP_TEST_DEVICE_FREE_GB=<GB>`: SGLang measures this much free device memory, before the model
 loads and when it sizes the KV cache (on the CPU it measures the machine's free RAM, which other
 processes move by more than a test model's banks), so that a test can see the KV pool shrink by
-what ESamp reserves (tests/test_memory_plan.py).
+what ESamp reserves (tests/server/test_memory_plan.py).
 
 Unset (the default), `install()` does nothing: no wrapper, no hook, no cost.
 """

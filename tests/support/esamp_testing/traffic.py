@@ -4,7 +4,7 @@ One round sends, concurrently: n > 1 requests, plain, greedy, requests sharing a
 many distinct groups at once (more than the bank's slots: exhaustion and eviction), chat
 completions choosing the reference variant, bad custom_params, streams the client cuts
 after one chunk, one /abort_request, and (when given) requests of a group whose Distiller
-is made to fault. Used by tests/test_reliability.py (one small round) and
+is made to fault. Used by tests/server/test_reliability.py (one small round) and
 benchmarks/soak.py (many rounds on SmolLM2).
 """
 
