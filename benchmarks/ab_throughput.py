@@ -1,7 +1,7 @@
 """Stock SGLang vs `--sampler esamp` decode throughput on the real engine, arms alternated.
 
     python benchmarks/ab_throughput.py [--harness http|offline] [--prompts 4] [--n 8] [--tokens 48]
-                                       [--rounds 5] [--model DIR]
+                                       [--prompt-words 0] [--rounds 5] [--model DIR]
 
 Every round runs the same batch (`prompts` requests of `n` samples, `tokens` new tokens
 each, EOS ignored, temperature 1.0, top-p 0.95) on every arm in turn, the order rotated
@@ -75,9 +75,14 @@ OFFLINE_MAIN = ("import sys; from sglang.srt.plugins import load_plugins; load_p
                 "from sglang.benchmark.offline_throughput import cli_main; sys.argv[0] = 'offline_throughput'; cli_main()")
 
 
-def batch_prompts(count: int) -> list[str]:
-    """The batch's `count` prompts (PROMPTS, repeated as needed)."""
-    return (PROMPTS * count)[:count]
+def batch_prompts(count: int, words: int = 0) -> list[str]:
+    """The batch's `count` prompts (PROMPTS, repeated as needed), each after `words` words of its
+    own context (a prefill-heavy batch: what the hidden-state capture costs is prefill's)."""
+    prompts = (PROMPTS * count)[:count]
+    if words:
+        prompts = [f"Notes {i}: " + " ".join(f"n{i}w{j}" for j in range(words)) + f"\n{text}"
+                   for i, text in enumerate(prompts)]
+    return prompts
 
 
 def run_offline(model: Path, arm: str, args: argparse.Namespace, common: list[str], dataset: Path) -> float:
@@ -128,7 +133,7 @@ def offline_rounds(args: argparse.Namespace, common: list[str]) -> dict[str, lis
         dataset = Path(tmp) / "prompts.json"  # ShareGPT layout, so the harness downloads nothing
         dataset.write_text(json.dumps([{"conversations": [{"from": "human", "value": text},
                                                           {"from": "gpt", "value": "unused"}]}
-                                       for text in batch_prompts(args.prompts)]))
+                                       for text in batch_prompts(args.prompts, args.prompt_words)]))
         for r in range(args.rounds):
             for arm in arm_order(r):
                 tps[arm].append(run_offline(args.model, arm, args, common, dataset))
@@ -141,7 +146,7 @@ def http_rounds(args: argparse.Namespace, common: list[str]) -> dict[str, list[f
     tps: dict[str, list[float]] = {arm: [] for arm in ARMS}
     servers = {"stock": launch(args.model, esamp=False, plugins=False, extra_args=common),
                "esamp": launch(args.model, esamp=True, extra_args=common)}
-    prompts = batch_prompts(args.prompts)
+    prompts = batch_prompts(args.prompts, args.prompt_words)
     try:
         for server in servers.values():  # warm-up
             run_batch(server.url, prompts[:1], 2, 4, None)
@@ -163,6 +168,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--prompt-words", type=int, default=0,
+                   help="words of context before each prompt (a prefill-heavy batch; add --server-arg=--disable-radix-cache)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for both servers")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -174,7 +181,8 @@ def main() -> None:
     common = ["--random-seed", "0", "--max-running-requests", str(max(32, args.prompts * args.n)), *args.server_arg]
     tps = (offline_rounds if args.harness == "offline" else http_rounds)(args, common)
     rows = args.prompts * args.n
-    report = {"harness": args.harness, "rows": rows, "tokens": args.tokens, "rounds": args.rounds,
+    report = {"harness": args.harness, "rows": rows, "tokens": args.tokens, "prompt_words": args.prompt_words,
+              "rounds": args.rounds,
               "tok_per_s": {arm: statistics.median(v) for arm, v in tps.items()},
               "ratio_to_stock": {arm: statistics.median(a / s for a, s in zip(v, tps["stock"]))
                                  for arm, v in tps.items() if arm != "stock"}}
