@@ -280,10 +280,16 @@ class ESampBackend(Sampler):
             self._check_streams()
         if not rows or sampling_info.sampling_mask_batch_indices is not None:  # SGLang's mask capture: not with ESamp
             return None
+        plans = plan_step(rows, self.config, self.books, self.engines)  # the books count every step
         if logits_output.hidden_states is None or logits_output.last_hidden_states is None:
-            return None  # a forward without the capture (none is expected): its rows sample plainly
+            # a prefill ESamp reads nothing of skipped the capture (batch.reads_nothing): its plans
+            # have no pairs, but its groups join and its tokens count as on any other step
+            if plans:
+                logger.warning("ESamp: a forward without the hidden-state capture carried %d pair rows; "
+                               "they sample plainly", sum(len(plan.pairs) for plan in plans))
+            return None
         parts = []
-        for plan in plan_step(rows, self.config, self.books, self.engines):
+        for plan in plans:
             step = self._capture(plan, logits_output, token_ids)
             if plan.sampled:
                 parts.append(Part(plan.engine, step))

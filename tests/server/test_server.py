@@ -176,6 +176,8 @@ def test_a_prefill_esamp_reads_nothing_of_skips_the_hidden_state_capture(esamp_s
     generate(esamp_server, "A greedy prompt, not captured either", max_new_tokens=2, temperature=0.0)
     ref = generate(esamp_server, "A reference prompt, not captured", max_new_tokens=3, custom_params={"variant": "reference"})
     assert ref["meta_info"]["esamp"]["train_pairs"] == 2  # its two decode steps are learnt, its prompt is not
+    # its first token counts as ESamp's (drawn plainly by the recipe), as on a captured step
+    assert ref["meta_info"]["esamp"]["esamp_tokens"] == ref["meta_info"]["completion_tokens"] == 3
     plain = skipped()
     assert plain - before == 3
     out = generate(esamp_server, "An ESamp prompt, captured", max_new_tokens=2)
