@@ -1034,7 +1034,7 @@ def main(args: argparse.Namespace) -> None:
         extra, env = server_settings(args.rows, args.sampling_seed, args.source_layer, args.server_threads)
         with server(args.model, args.url, extra + list(args.server_arg), env=env) as url:
             failed = bool(run(args, url, args.split, out)["failed"])
-    res = analyze(out, args.model, args.ppl, k=args.k, resamples=args.resamples)
+    analyze(out, args.model, args.ppl, k=args.k, resamples=args.resamples)
     print((out / "frontier.md").read_text())
     print(f"wrote {out}")
     if failed:
