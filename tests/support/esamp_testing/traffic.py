@@ -28,7 +28,7 @@ BAD_INPUTS = (  # custom_params -> the field its 400 must name
 class RoundResult:
     statuses: list[int] = field(default_factory=list)
     bad: list[tuple[str, int, str]] = field(default_factory=list)  # (expected field, status, body)
-    faulty_meta: list[dict] = field(default_factory=list)
+    faulty_meta: list[dict] = field(default_factory=list)  # each faulty sample's esamp meta + completion_tokens
     outputs: list[dict] = field(default_factory=list)  # every /generate sample that came back whole
     seconds: float = 0.0
 
@@ -81,7 +81,8 @@ def mixed_round(url: str, tag: str, *, copies: int = 4, distinct_groups: int = 0
             n=2, custom_params={"sampling": "esamp", "beta": 1.0, "group_id": fault_group})})
         if out:
             with lock:
-                result.faulty_meta += [o["meta_info"].get("esamp", {}) for o in out]
+                result.faulty_meta += [{**o["meta_info"].get("esamp", {}),
+                                        "completion_tokens": o["meta_info"]["completion_tokens"]} for o in out]
 
     def cut_stream(i: int) -> None:
         body = {"text": f"{tag} stream {i}", "stream": True,
@@ -102,7 +103,9 @@ def mixed_round(url: str, tag: str, *, copies: int = 4, distinct_groups: int = 0
             requests.post(url + "/abort_request", json={"rid": rid}, timeout=60)
             thread.join(1.0)
 
-    jobs: list[tuple[Callable, tuple]] = []
+    # The faulty requests go first: the round has more groups than the bank has slots, and a
+    # group that finds the bank full is drawn plainly, never faulting.
+    jobs: list[tuple[Callable, tuple]] = [(faulty, (i,)) for i in range(copies)] if fault_group is not None else []
     for i in range(copies):
         jobs += [
             (post, ("/generate", {"text": f"{tag} n>1 {i}", "sampling_params": sampled(n=3)})),
@@ -119,8 +122,6 @@ def mixed_round(url: str, tag: str, *, copies: int = 4, distinct_groups: int = 0
         ]
         params, name = BAD_INPUTS[i % len(BAD_INPUTS)]
         jobs.append((post, ("/generate", {"text": "bad", "sampling_params": sampled(custom_params=params)}, name)))
-        if fault_group is not None:
-            jobs.append((faulty, (i,)))
     for g in range(distinct_groups):
         jobs.append((post, ("/generate", {"text": f"{tag} group {g}", "sampling_params": sampled(
             custom_params={"group_id": f"{tag}-g{g}"})})))
