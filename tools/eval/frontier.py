@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -292,8 +293,6 @@ class Checkpoint:
         with self.lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            import os
-
             os.fsync(f.fileno())
             self.done.add((line["method"], line["item"]))
 
